@@ -1,0 +1,1 @@
+"""The Engram module (DeepSeek, *Conditional Memory via Scalable Lookup*) and a small Engram LM."""

@@ -1,0 +1,1 @@
+"""The ``engram-store`` command line: thin subcommands over library functions."""
