@@ -8,7 +8,8 @@ same class, so simulated and measured hit counts agree by construction.
 Lookahead: every slot handed out by :meth:`SlotLRU.access` is *pinned* until the caller
 :meth:`release` s it (the store releases when the handle is waited on). A pinned slot is
 never chosen as a victim, so a later prefetch cannot evict rows an earlier, unwaited
-one still needs; eviction takes free slots first, then the least recently used unpinned.
+one still needs; eviction takes free slots first, then the least recently used unpinned
+(among equally old rows, the highest key: the coldest rank).
 
 Vectorized over a batch (numpy arrays indexed by key and by slot), no per-row Python
 objects. Memory: 4 bytes per key of the table plus 20 bytes per slot.
@@ -132,20 +133,22 @@ class SlotLRU:
 
     # -- internals ---------------------------------------------------------------------
     def _victims(self, k: int) -> np.ndarray:
-        """Up to ``k`` slots to reuse: free ones first, then the least recently used unpinned."""
+        """Up to ``k`` slots to reuse: free ones first (lowest slot first), then unpinned ones,
+        least recently used first; among equally old (one access call's rows), the highest key
+        (the coldest rank) first. The choice depends on keys and ages only, never on slot
+        numbers, so any caller replaying the same keys gets the same hits."""
         free = np.flatnonzero(self.key_of < 0)
         if free.size >= k:
             return free[:k]
-        need = k - free.size
         age = np.where((self.pins > 0) | (self.key_of < 0), _NEVER, self.last_use)
         available = int(np.count_nonzero(age != _NEVER))
-        need = min(need, available)
+        need = min(k - free.size, available)
         if need == 0:
             return free
-        if need < age.size:
-            cand = np.argpartition(age, need - 1)[:need]
-        else:
-            cand = np.arange(age.size)
-        # Deterministic order (oldest first, ties by slot) so simulator and store agree.
-        cand = cand[np.lexsort((cand, age[cand]))]
+        kth = np.partition(age, need - 1)[need - 1]  # the need-th smallest age
+        below = np.flatnonzero(age < kth)
+        tied = np.flatnonzero(age == kth)
+        tied = tied[np.argsort(-self.key_of[tied], kind="stable")[: need - below.size]]
+        cand = np.concatenate([below, tied])
+        cand = cand[np.lexsort((-self.key_of[cand], age[cand]))]
         return np.concatenate([free, cand]).astype(np.int64)

@@ -1,0 +1,238 @@
+"""Exact hit-rate simulation of cache policies over a prefetch trace, at equal capacities.
+
+Model (the store's): a request is one prefetch of one table, deduped; each of its unique
+rows is a *hit* if the cache holds it when the request arrives, else a *miss* (read from
+disk). After the request the policy chooses what to hold, out of what it held plus the
+request's rows, at most ``capacity`` rows per table. Hit rates are over unique-per-request
+accesses, which is what ``store.stats()`` counts.
+
+Policies (all simulated exactly, vectorized per request):
+
+- ``ours``: the store. HBM holds the ``H`` highest-ranked rows (static, from training
+  counts); DRAM is :class:`~engram_store.cache_policy.SlotLRU` with ``C = capacity - H``
+  slots, warmed with ranks ``[H, H+C)``, every access pinning its slots until the handle is
+  released, handles released in issue order with at most ``window`` outstanding. It runs
+  the very class the store runs, so it predicts the store's counts exactly.
+- ``lru``: keep the ``capacity`` most recently used rows (ties within a request: higher
+  row id kept). ``fifo``: keep the most recently *inserted*. ``lfu``: keep the rows with
+  the most accesses so far in the trace (not reset on eviction; ties: more recent, then
+  higher id), so a miss is admitted only if it beats the least frequent cached row.
+- ``static``: the ``capacity`` highest-ranked rows by training counts, never changing.
+- ``belady``: MIN, the offline optimum: keep the rows whose next use is soonest (rows never
+  used again are dropped). Greedy farthest-next-use is optimal here too: a request is a
+  set needed at one time, and a miss need not be cached.
+- ``compulsory``: not a policy but the bound ``accesses - first touches`` (infinite cache).
+
+All start cold except ``ours`` (which starts warm, like the store) and ``static``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engram_store.cache_policy import SlotLRU
+from engram_store.errors import EngramStoreError
+from engram_store.traces import Trace, ranks_from_counts
+
+POLICIES = ("ours", "belady", "lru", "lfu", "fifo", "static")
+DEFAULT_FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)
+_INF = np.iinfo(np.int64).max
+
+
+@dataclass
+class Result:
+    policy: str
+    fraction: float | None  # capacity as a fraction of each table's rows (None: given in rows)
+    capacity: dict[str, int]  # rows cached per table (HBM + DRAM for ``ours``)
+    hits: int
+    accesses: int
+    tiers: dict[str, int] = field(default_factory=dict)  # ``ours``: hbm / dram hits, split
+    per_table: dict[str, tuple[int, int]] = field(default_factory=dict)  # table -> (hits, accesses)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "fraction": self.fraction, "capacity": self.capacity, "hits": self.hits,
+                "accesses": self.accesses, "hit_rate": round(self.hit_rate, 6), **({"tiers": self.tiers} if self.tiers else {})}
+
+
+def capacity_rows(trace: Trace, capacity: float | Mapping[str, int]) -> dict[str, int]:
+    """Rows per table: a fraction of each table (0 < f <= 1) or ``{table: rows}``."""
+    if isinstance(capacity, Mapping):
+        caps = {}
+        for table, rows in trace.rows.items():
+            if table not in capacity:
+                raise EngramStoreError(f"no capacity given for table {table!r}")
+            c = int(capacity[table])
+            if c < 0 or c > rows:
+                raise EngramStoreError(f"capacity {c} rows for {table!r} is outside [0, {rows}] "
+                                       "(the table's rows): give at most the table size")
+            caps[table] = c
+        return caps
+    f = float(capacity)
+    if not 0.0 <= f <= 1.0:
+        raise EngramStoreError(f"capacity {f:g} is not a fraction of the table in [0, 1]: a cache larger than "
+                               "the table holds nothing more (give e.g. 0.1 for 10% of the rows)")
+    return {t: int(round(f * rows)) for t, rows in trace.rows.items()}
+
+
+def compulsory(trace: Trace) -> Result:
+    """Hits of an infinite cache that starts empty: every access but the first touch of each row."""
+    hits = acc = 0
+    per = {}
+    for table, rows in trace.rows.items():
+        reqs = trace.table_requests(table)
+        n = int(sum(r.size for r in reqs))
+        seen = np.zeros(rows, dtype=bool)
+        for r in reqs:
+            seen[r] = True
+        h = n - int(np.count_nonzero(seen))
+        per[table] = (h, n)
+        hits += h
+        acc += n
+    return Result("compulsory", 1.0, dict(trace.rows), hits, acc, per_table=per)
+
+
+# -- per-table policies (keep the top ``cap`` rows by a priority) ---------------------------
+
+def _next_use(reqs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """For each request's rows, the index of the next request that names the row (or _INF)."""
+    sizes = np.fromiter((r.size for r in reqs), dtype=np.int64, count=len(reqs))
+    flat = np.concatenate(reqs) if reqs else np.empty(0, np.int64)
+    ridx = np.repeat(np.arange(len(reqs), dtype=np.int64), sizes)
+    order = np.lexsort((ridx, flat))
+    nxt = np.full(flat.size, _INF, dtype=np.int64)
+    same = flat[order[1:]] == flat[order[:-1]]
+    nxt[order[:-1][same]] = ridx[order[1:][same]]
+    return np.split(nxt, np.cumsum(sizes)[:-1])
+
+
+def _simulate_table(policy: str, reqs: Sequence[np.ndarray], rows: int, cap: int,
+                    rank: np.ndarray | None) -> int:
+    if cap <= 0 or not reqs:
+        return 0
+    if policy == "static":
+        return int(sum(np.count_nonzero(rank[r] < cap) for r in reqs))
+    n_req = len(reqs)
+    # Priorities are int64 composites (…, row id): larger is kept. Check they cannot overflow.
+    if policy == "lfu" and (n_req + 1) ** 2 * rows >= 2**62:
+        raise EngramStoreError("trace too long for the LFU simulation's priority keys; split it")
+    nxt = _next_use(reqs) if policy == "belady" else None
+    held = np.zeros(rows, dtype=bool)
+    prio = np.zeros(rows, dtype=np.int64)
+    freq = np.zeros(rows, dtype=np.int64) if policy == "lfu" else None
+    cached = np.empty(0, dtype=np.int64)
+    hits = 0
+    for i, ids in enumerate(reqs):
+        h = held[ids]
+        hits += int(np.count_nonzero(h))
+        new = ids[~h]
+        if policy == "lru":
+            prio[ids] = i * rows + ids
+        elif policy == "fifo":
+            prio[new] = i * rows + new
+        elif policy == "lfu":
+            freq[ids] += 1
+            prio[ids] = (freq[ids] * (n_req + 1) + i) * rows + ids
+        elif policy == "belady":
+            nu = nxt[i]
+            prio[ids] = np.where(nu == _INF, -_INF, -(nu * rows + (rows - 1 - ids)))
+        else:
+            raise EngramStoreError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+        cand = np.concatenate([cached, new])
+        if policy == "belady":  # rows never used again are dropped
+            cand = cand[prio[cand] != -_INF]
+        if cand.size > cap:
+            part = np.argpartition(prio[cand], cand.size - cap)
+            keep = cand[part[cand.size - cap :]]
+        else:
+            keep = cand
+        held[cached] = False
+        held[keep] = True
+        cached = keep
+    return hits
+
+
+# -- ours: the store's own policy objects ----------------------------------------------------
+
+def _simulate_ours(trace: Trace, caps: dict[str, int], ranks: dict[str, np.ndarray], hbm_share: float,
+                   window: int, policy_kwargs: dict) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    hbm = {t: int(round(hbm_share * c)) for t, c in caps.items()}
+    lrus = {}
+    for t, c in caps.items():
+        lru = SlotLRU(trace.rows[t], c - hbm[t], **policy_kwargs)
+        lru.warm(np.arange(hbm[t], min(c, trace.rows[t]), dtype=np.int64))
+        lrus[t] = lru
+    hbm_hits = dict.fromkeys(caps, 0)
+    outstanding: deque = deque()
+    for table, ids in trace.requests:
+        if len(outstanding) >= window:
+            t, slots = outstanding.popleft()
+            lrus[t].release(slots)
+        rk = ranks[table][ids]
+        in_hbm = rk < hbm[table]
+        hbm_hits[table] += int(np.count_nonzero(in_hbm))
+        slots, _, _ = lrus[table].access(rk[~in_hbm], pin=True)
+        outstanding.append((table, slots))
+    while outstanding:
+        t, slots = outstanding.popleft()
+        lrus[t].release(slots)
+    return hbm, hbm_hits, {t: lru.hits for t, lru in lrus.items()}
+
+
+def simulate(trace: Trace, policy: str, capacity: float | Mapping[str, int], *, hbm_share: float = 0.5,
+             window: int = 2, policy_kwargs: dict | None = None) -> Result:
+    """Hits of ``policy`` over ``trace`` with ``capacity`` rows per table (fraction or ``{table: rows}``).
+
+    ``ours`` splits each table's capacity into ``round(hbm_share * capacity)`` HBM rows and the
+    rest DRAM slots; ``window`` is the number of outstanding handles (>= 1);
+    ``policy_kwargs`` go to :class:`SlotLRU`.
+    """
+    if policy not in POLICIES:
+        raise EngramStoreError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+    fraction = None if isinstance(capacity, Mapping) else float(capacity)
+    caps = capacity_rows(trace, capacity)
+    if window < 1:
+        raise EngramStoreError(f"window must be >= 1 outstanding handle, got {window}")
+    if not 0.0 <= hbm_share <= 1.0:
+        raise EngramStoreError(f"hbm_share must be in [0, 1], got {hbm_share}")
+    ranks = None
+    if policy in ("ours", "static"):
+        if trace.counts is None:
+            raise EngramStoreError(f"policy {policy!r} ranks rows by training counts, but trace {trace.name!r} has "
+                                   "none: give a counts file made with the trace's checkpoint")
+        ranks = {t: ranks_from_counts(c) for t, c in trace.counts.items()}
+    per = {}
+    tiers = {}
+    if policy == "ours":
+        hbm, hbm_hits, dram_hits = _simulate_ours(trace, caps, ranks, hbm_share, window, policy_kwargs or {})
+        for t in trace.rows:
+            n = int(sum(r.size for r in trace.table_requests(t)))
+            per[t] = (hbm_hits[t] + dram_hits[t], n)
+        tiers = {"hbm": sum(hbm_hits.values()), "dram": sum(dram_hits.values()),
+                 "hbm_rows": sum(hbm.values()), "dram_rows": sum(caps.values()) - sum(hbm.values())}
+    else:
+        for t, rows in trace.rows.items():
+            reqs = trace.table_requests(t)
+            h = _simulate_table(policy, reqs, rows, caps[t], None if ranks is None else ranks[t])
+            per[t] = (h, int(sum(r.size for r in reqs)))
+    hits = sum(h for h, _ in per.values())
+    acc = sum(n for _, n in per.values())
+    return Result(policy, fraction, caps, hits, acc, tiers, per)
+
+
+def sweep(trace: Trace, fractions: Iterable[float] = DEFAULT_FRACTIONS, policies: Sequence[str] = POLICIES,
+          **kwargs) -> list[Result]:
+    """Every policy at every capacity fraction, plus the compulsory bound (once, capacity-free)."""
+    out = []
+    for f in fractions:
+        for p in policies:
+            out.append(simulate(trace, p, f, **kwargs))
+    out.append(compulsory(trace))
+    return out

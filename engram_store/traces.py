@@ -1,0 +1,282 @@
+"""Access traces for the hit-rate simulator, in the shape the model issues them.
+
+A trace is the sequence of prefetches the model makes: per forward step (a batch of B
+sequences of T tokens) one prefetch per Engram layer of all that batch's row ids
+``[B, T, K]`` (K = every head of every N-gram order). The store dedupes each prefetch, so a
+:class:`Trace` keeps each request's *unique* row ids (sorted) and how many ids were issued.
+
+Two sources:
+
+- :func:`zipf_trace`: synthetic text whose 2-grams and 3-grams are drawn i.i.d. from a Zipf
+  law over a vocabulary of N-grams, hashed per head into per-head blocks of a table
+  (so heads collide like the real hash does). Training counts come from an independent
+  draw of the same law (a "training corpus").
+- :func:`text_trace`: real text through a checkpoint's own tokenizer, compression and hash
+  config; counts from one part of the corpus, the trace from another (held out).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engram_store.errors import EngramStoreError, FingerprintMismatchError
+
+
+@dataclass
+class Trace:
+    """Prefetch requests in issue order, each ``(table, unique sorted row ids)``."""
+
+    name: str
+    rows: dict[str, int]  # table name -> rows of the table
+    requests: list[tuple[str, np.ndarray]]  # (table, unique int64 ids, sorted), in issue order
+    issued: int = 0  # ids issued before each request's dedupe (B*T*K per request)
+    counts: dict[str, np.ndarray] | None = None  # training access counts per table (for ranks)
+    fingerprint: str | None = None  # hash-config fingerprint the row ids were made under
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            raise EngramStoreError(f"trace {self.name!r} is empty: it holds no prefetch requests; "
+                                   "give more text (or more steps)")
+        for table, ids in self.requests:
+            if table not in self.rows:
+                raise EngramStoreError(f"trace {self.name!r} names table {table!r} with no row count")
+            if ids.size and (ids[0] < 0 or ids[-1] >= self.rows[table]):
+                raise EngramStoreError(f"trace {self.name!r}: row ids of {table!r} outside [0, {self.rows[table]})")
+        if self.counts is not None:
+            self.counts = check_counts(self, self.counts)
+
+    @property
+    def accesses(self) -> int:
+        """Unique-per-request accesses (what the store's hit counters count)."""
+        return int(sum(ids.size for _, ids in self.requests))
+
+    def table_requests(self, table: str) -> list[np.ndarray]:
+        return [ids for t, ids in self.requests if t == table]
+
+    def with_counts(self, counts, fingerprint: str | None = None) -> Trace:
+        """This trace with training counts from a ``Counts`` object or a ``{table: array}`` dict."""
+        tables = getattr(counts, "tables", counts)
+        fp = getattr(counts, "fingerprint", fingerprint)
+        if fp is not None and self.fingerprint is not None and fp != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"counts were made for hash config {str(fp)[:12]}…, but trace {self.name!r} was hashed with "
+                f"{self.fingerprint[:12]}…: count the corpus again with the trace's checkpoint")
+        return Trace(self.name, self.rows, self.requests, self.issued, dict(tables), self.fingerprint, dict(self.meta))
+
+
+def check_counts(trace: Trace, counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for table, rows in trace.rows.items():
+        if table not in counts:
+            raise FingerprintMismatchError(
+                f"counts hold no table {table!r} (they hold {sorted(counts)}): they were made for a different "
+                "hash config; count the corpus again with the trace's checkpoint")
+        c = np.asarray(counts[table])
+        if c.shape != (rows,):
+            raise FingerprintMismatchError(
+                f"counts of {table!r} have {c.shape[0] if c.ndim == 1 else c.shape} rows but the trace's table has "
+                f"{rows}: they were made for a different hash config; count again with the trace's checkpoint")
+        out[table] = c.astype(np.int64, copy=False)
+    return out
+
+
+def ranks_from_counts(counts: np.ndarray) -> np.ndarray:
+    """``rank[row]``: position in descending-count order, ties by row id (the store's layout)."""
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size, dtype=np.int64)
+    return rank
+
+
+def _requests_from_batch(rows_by_table: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray, int]]:
+    return [(t, np.unique(np.asarray(r).reshape(-1)).astype(np.int64), int(np.asarray(r).size))
+            for t, r in rows_by_table.items()]
+
+
+# -- synthetic Zipf --------------------------------------------------------------------------
+
+def _zipf_sampler(n_items: int, exponent: float, rng: np.random.Generator):
+    """Draws item ids in [0, n_items) with P(i) ∝ (rank+1)^-exponent under a random rank shuffle."""
+    w = np.arange(1, n_items + 1, dtype=np.float64) ** -float(exponent)
+    cdf = np.cumsum(w)
+    cdf /= cdf[-1]
+    shuffle = rng.permutation(n_items)  # popular items are not the small ids
+
+    def draw(size, r: np.random.Generator):
+        return shuffle[np.minimum(np.searchsorted(cdf, r.random(size)), n_items - 1)]
+
+    return draw
+
+
+def zipf_trace(exponent: float, *, rows: int = 200_000, heads: int = 8, max_ngram: int = 3,
+               layers: Sequence[int] = (1,), batch: int = 4, seq_len: int = 128, steps: int = 100,
+               train_tokens: int = 400_000, vocab_factor: int = 4, seed: int = 0) -> Trace:
+    """Synthetic trace: each token draws one N-gram per order from Zipf(``exponent``).
+
+    Every table has ``rows`` rows split into ``(max_ngram-1)*heads`` per-head blocks; head h
+    maps an N-gram to ``offset_h + hash_h(ngram) % block_h``. The N-gram vocabulary has
+    ``vocab_factor * rows`` items per order. Counts come from ``train_tokens`` tokens drawn
+    independently. ``steps`` forward steps of ``batch x seq_len`` tokens, one request per layer.
+    """
+    if exponent <= 0:
+        raise EngramStoreError(f"Zipf exponent must be > 0, got {exponent}")
+    if steps < 1 or batch < 1 or seq_len < 1:
+        raise EngramStoreError(f"an empty trace: steps={steps}, batch={batch}, seq_len={seq_len} must all be >= 1")
+    orders = max_ngram - 1
+    k = orders * heads
+    if rows < k:
+        raise EngramStoreError(f"rows={rows} is smaller than the {k} head blocks")
+    rng = np.random.default_rng(seed)
+    n_items = vocab_factor * rows
+    draws = [_zipf_sampler(n_items, exponent, rng) for _ in range(orders)]
+    block = np.full(k, rows // k, dtype=np.int64)
+    block[: rows % k] += 1
+    offsets = np.concatenate([[0], np.cumsum(block)[:-1]])
+    tables = {f"layer{L}": rows for L in layers}
+    # Per layer and head: a multiplicative hash with its own odd multiplier and salt.
+    mult = {L: rng.integers(1, 2**31, size=k) * 2 + 1 for L in layers}
+    salt = {L: rng.integers(0, 2**31, size=k) for L in layers}
+
+    def rows_of(items: list[np.ndarray], layer: int) -> np.ndarray:  # items: per order, shape S
+        cols = []
+        for h in range(k):
+            it = items[h // heads].astype(np.uint64)
+            hv = (it * np.uint64(mult[layer][h]) + np.uint64(salt[layer][h])) >> np.uint64(7)
+            cols.append(offsets[h] + (hv % np.uint64(block[h])).astype(np.int64))
+        return np.stack(cols, axis=-1)  # (*S, K)
+
+    train_rng = np.random.default_rng([seed, 1])
+    train_items = [d(train_tokens, train_rng) for d in draws]
+    counts = {f"layer{L}": np.bincount(rows_of(train_items, L).reshape(-1), minlength=rows).astype(np.int64)
+              for L in layers}
+    test_rng = np.random.default_rng([seed, 2])
+    requests, issued = [], 0
+    for _ in range(steps):
+        items = [d((batch, seq_len), test_rng) for d in draws]
+        for L in layers:
+            r = rows_of(items, L)  # (B, T, K)
+            issued += r.size
+            requests.append((f"layer{L}", np.unique(r).astype(np.int64)))
+    return Trace(f"zipf{exponent:g}", tables, requests, issued, counts, None,
+                 {"source": "zipf", "exponent": exponent, "batch": batch, "seq_len": seq_len, "steps": steps,
+                  "heads": heads, "max_ngram": max_ngram, "train_tokens": train_tokens, "seed": seed})
+
+
+def trace_from_arrays(name: str, rows: dict[str, int], batches: Iterable[dict[str, np.ndarray]],
+                      counts: dict[str, np.ndarray] | None = None, fingerprint: str | None = None,
+                      meta: dict | None = None) -> Trace:
+    """A trace from per-step ``{table: row ids [B, T, K]}`` (one request per table per step)."""
+    requests, issued = [], 0
+    for batch in batches:
+        for table, ids, n in _requests_from_batch(batch):
+            requests.append((table, ids))
+            issued += n
+    return Trace(name, dict(rows), requests, issued, counts, fingerprint, dict(meta or {}))
+
+
+# -- real text through a checkpoint ----------------------------------------------------------
+
+def _token_chunks(ckpt, texts: Iterable[str], seq_len: int, max_tokens: int | None):
+    """Compressed token ids of the texts, cut into ``seq_len`` pieces (a text's tail kept if >= 3 tokens)."""
+    buf: list[str] = []
+    total = 0
+
+    def flush():
+        nonlocal total
+        out = []
+        for enc in ckpt.tokenizer.encode_batch(buf):
+            ids = np.asarray(enc.ids, dtype=np.int64)
+            if ids.size == 0:
+                continue
+            comp = np.asarray(ckpt.compression.compress(ids), dtype=np.int64)
+            for s in range(0, comp.size, seq_len):
+                piece = comp[s : s + seq_len]
+                if piece.size == seq_len:
+                    out.append(piece)
+            total += ids.size
+        buf.clear()
+        return out
+
+    for text in texts:
+        buf.append(text)
+        if len(buf) >= 64:
+            yield from flush()
+            if max_tokens is not None and total >= max_tokens:
+                return
+    if buf:
+        yield from flush()
+
+
+def _hash_batches(ckpt, chunks, batch: int):
+    import torch
+
+    pending: list[np.ndarray] = []
+    for c in chunks:
+        pending.append(c)
+        if len(pending) == batch:
+            ids = torch.from_numpy(np.stack(pending))
+            pending = []
+            yield {f"layer{L}": r.numpy() for L, r in ckpt.hasher.row_ids(ids).items()}
+
+
+def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike] | None = None, *,
+               held_out_fraction: float = 0.1, batch: int = 8, seq_len: int = 256,
+               max_tokens: int | None = 400_000, max_train_tokens: int | None = None, counts=None) -> Trace:
+    """Held-out real-text trace through ``checkpoint``'s own hash config.
+
+    The corpus files (default: this Python's standard library) are split by path hash
+    (``engram_model.corpus.split_files``); the held-out part (at most ``max_tokens`` tokens)
+    becomes the trace, and per-row counts come from the training part hashed the same way
+    (or from ``counts``: a ``Counts`` object, whose fingerprint must match the checkpoint's).
+    """
+    from engram_model.checkpoint import load_checkpoint
+    from engram_model.corpus import iter_texts, split_files, stdlib_files
+
+    ckpt = load_checkpoint(checkpoint)
+    if corpus:
+        from engram_store.counts import expand_corpus
+
+        files = expand_corpus(corpus)
+        corpus_name = ",".join(str(p) for p in corpus)
+    else:
+        files = stdlib_files()
+        corpus_name = "stdlib"
+    if not files:
+        raise EngramStoreError(f"corpus {corpus_name} holds no files: name files or folders of text")
+    train_files, held_files = split_files(files, held_out_fraction)
+    if not held_files:
+        raise EngramStoreError(f"corpus {corpus_name}: the held-out split is empty ({len(files)} files); "
+                               "give more files or a larger held-out fraction")
+    layers = list(ckpt.hash_config.layer_ids)
+    rows = {f"layer{L}": int(ckpt.hasher.table_rows[L]) for L in layers}
+    batches = _hash_batches(ckpt, _token_chunks(ckpt, iter_texts(held_files), seq_len, max_tokens), batch)
+    requests, issued = [], 0
+    for b in batches:
+        for table, ids, n in _requests_from_batch(b):
+            requests.append((table, ids))
+            issued += n
+    if not requests:
+        raise EngramStoreError(f"the held-out part of {corpus_name} gives an empty trace (fewer than "
+                               f"{batch} sequences of {seq_len} tokens): give more text or smaller --batch/--seq-len")
+    if counts is None:
+        tables = {t: np.zeros(n, dtype=np.int64) for t, n in rows.items()}
+        for b in _hash_batches(ckpt, _token_chunks(ckpt, iter_texts(train_files), seq_len, max_train_tokens), 1):
+            for t, r in b.items():
+                tables[t] += np.bincount(r.reshape(-1), minlength=rows[t])
+        counts_fp = ckpt.fingerprint
+    else:
+        tables = dict(getattr(counts, "tables", counts))
+        counts_fp = getattr(counts, "fingerprint", ckpt.fingerprint)
+    if counts_fp != ckpt.fingerprint:
+        raise FingerprintMismatchError(
+            f"counts were made for hash config {counts_fp[:12]}…, but checkpoint {checkpoint} has "
+            f"{ckpt.fingerprint[:12]}…: count the corpus again with this checkpoint")
+    meta = {"source": "text", "checkpoint": str(checkpoint), "corpus": corpus_name, "held_out_fraction": held_out_fraction,
+            "train_files": len(train_files), "held_out_files": len(held_files), "batch": batch, "seq_len": seq_len,
+            "steps": len(requests) // max(1, len(layers)), "train_accesses": int(sum(int(c.sum()) for c in tables.values()))}
+    return Trace(f"text:{corpus_name}", rows, requests, issued, tables, ckpt.fingerprint, meta)
