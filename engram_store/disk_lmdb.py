@@ -1,0 +1,171 @@
+"""The ``lmdb`` disk backend: rows in blocks, each block one zstd frame in one LMDB environment.
+
+Key: table name + ``b"/"`` + block index (8 bytes big-endian, so a table's blocks are
+adjacent in the B-tree). Value: the crc32 of the raw block bytes (uint32 LE), then a zstd
+frame of the block bytes, byte-shuffled first when the table's ``shuffle`` flag is set
+(all first bytes of every element, then all second bytes, ...: the exponent bytes of
+float rows line up, which zstd compresses better).
+
+Reads run on the store's I/O pool, one read transaction per thread and chunk; updates are
+one LMDB write transaction (blocks and their checksums change together or not at all).
+
+Thread-safety: :meth:`read` / :meth:`read_range` from many threads at once; :meth:`write`
+is serialised by LMDB itself and the store drains in-flight reads of the table first.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import zstandard
+
+from .errors import StoreCorruptError, StoreNotFoundError
+from .format import LMDB_DIR, TableInfo, crc32, shuffle_bytes, unshuffle_bytes
+
+
+def block_key(table: str, block: int) -> bytes:
+    return table.encode() + b"/" + int(block).to_bytes(8, "big")
+
+
+def encode_block(raw: bytes | memoryview, itemsize: int, shuffle: bool, cctx: zstandard.ZstdCompressor) -> bytes:
+    c = crc32(raw).to_bytes(4, "little")
+    payload = shuffle_bytes(raw, itemsize) if shuffle else raw
+    return c + cctx.compress(payload)
+
+
+def open_env(path: Path, *, readonly: bool = False, map_size: int | None = None) -> lmdb.Environment:
+    if map_size is None:
+        used = sum(p.stat().st_size for p in Path(path).glob("*.mdb")) if Path(path).exists() else 0
+        map_size = max(1 << 30, 2 * used + (64 << 20))
+    return lmdb.open(str(path), map_size=map_size, subdir=True, readonly=readonly, lock=True,
+                     max_readers=512, max_dbs=0, readahead=False, meminit=False, sync=True)
+
+
+class _Table:
+    def __init__(self, name: str, info: TableInfo, entry: dict) -> None:
+        self.name = name
+        self.info = info
+        self.rb = info.row_bytes
+        self.br = int(entry["block_rows"])
+        self.shuffle = bool(entry.get("shuffle", False))
+        self.itemsize = info.row_bytes // info.dim
+        self.level = int(entry.get("level", 3))
+        self.n_blocks = -(-info.rows // self.br) if info.rows else 0
+
+    def block_len(self, b: int) -> int:
+        return min(self.br, self.info.rows - b * self.br) * self.rb
+
+
+class LmdbDisk:
+    """All tables of one lmdb-backend store."""
+
+    backend = "lmdb"
+
+    def __init__(self, root: Path, manifest: dict, infos: dict[str, TableInfo], pool: ThreadPoolExecutor,
+                 io_threads: int, verify_reads: bool = True) -> None:
+        self.root = Path(root)
+        self.pool = pool
+        self.io_threads = max(1, int(io_threads))
+        self.verify = verify_reads
+        env_path = self.root / manifest.get("lmdb_dir", LMDB_DIR)
+        if not (env_path / "data.mdb").is_file():
+            raise StoreNotFoundError(f"store {str(root)!r} is missing {env_path.name}/data.mdb: rebuild the store")
+        self.env = open_env(env_path)
+        self.tables = {n: _Table(n, infos[n], manifest["tables"][n]) for n in infos}
+        self._local = threading.local()
+        # A cheap open-time check that catches a truncated environment: the last block of each table.
+        with self.env.begin(buffers=True) as txn:
+            for t in self.tables.values():
+                if t.n_blocks and txn.get(block_key(t.name, t.n_blocks - 1)) is None:
+                    raise StoreCorruptError(f"table {t.name!r}: last block missing from {env_path}; rebuild the store")
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "d", None)
+        if d is None:
+            d = self._local.d = zstandard.ZstdDecompressor()
+        return d
+
+    def _decode(self, t: _Table, b: int, value) -> np.ndarray:
+        n = t.block_len(b)
+        if value is None:
+            raise StoreCorruptError(f"table {t.name!r} block {b}: missing from the LMDB environment; rebuild the store")
+        try:
+            raw = self._dctx().decompress(bytes(value[4:]), max_output_size=n)
+        except zstandard.ZstdError as e:
+            raise StoreCorruptError(f"table {t.name!r} block {b}: zstd frame is corrupt ({e}); rebuild the store") from e
+        if len(raw) != n:
+            raise StoreCorruptError(f"table {t.name!r} block {b}: {len(raw)} bytes, expected {n}; rebuild the store")
+        arr = unshuffle_bytes(raw, t.itemsize) if t.shuffle else np.frombuffer(raw, np.uint8)
+        if self.verify and crc32(arr) != int.from_bytes(bytes(value[:4]), "little"):
+            raise StoreCorruptError(f"table {t.name!r} block {b}: checksum mismatch; the store is corrupt: rebuild it")
+        return arr
+
+    def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
+        moved = 0
+        with self.env.begin(buffers=True) as txn:
+            for i in range(lo, hi):
+                b = int(blocks[i])
+                v = txn.get(block_key(t.name, b))
+                arr = self._decode(t, b, v)
+                buf[i, : arr.size] = arr
+                moved += len(v)
+        return moved
+
+    def _parallel(self, t: _Table, blocks: np.ndarray, buf: np.ndarray) -> int:
+        n = blocks.size
+        parts = min(self.io_threads, n)
+        if parts <= 1:
+            return self._read_blocks(t, blocks, buf, 0, n)
+        edges = np.linspace(0, n, parts + 1).astype(int)
+        futs = [self.pool.submit(self._read_blocks, t, blocks, buf, int(edges[i]), int(edges[i + 1]))
+                for i in range(parts)]
+        return sum(f.result() for f in futs)
+
+    def read(self, table: str, ranks: np.ndarray) -> tuple[np.ndarray, int]:
+        t = self.tables[table]
+        ranks = np.asarray(ranks, dtype=np.int64)
+        if ranks.size == 0:
+            return np.empty((0, t.rb), np.uint8), 0
+        blocks = ranks // t.br
+        ublocks, binv = np.unique(blocks, return_inverse=True)
+        buf = np.empty((ublocks.size, t.br * t.rb), np.uint8)
+        moved = self._parallel(t, ublocks, buf)
+        rows = buf.reshape(ublocks.size, t.br, t.rb)[binv, ranks - blocks * t.br]
+        return rows, moved
+
+    def read_range(self, table: str, start: int, stop: int) -> np.ndarray:
+        t = self.tables[table]
+        if stop <= start:
+            return np.empty((0, t.rb), np.uint8)
+        b0, b1 = start // t.br, -(-stop // t.br)
+        blocks = np.arange(b0, b1, dtype=np.int64)
+        buf = np.empty((blocks.size, t.br * t.rb), np.uint8)
+        self._parallel(t, blocks, buf)
+        return buf.reshape(-1, t.rb)[start - b0 * t.br: stop - b0 * t.br]
+
+    def write(self, table: str, ranks: np.ndarray, rows: np.ndarray) -> None:
+        """Replace rows ``ranks`` (sorted, unique) in one write transaction."""
+        t = self.tables[table]
+        blocks = np.unique(ranks // t.br)
+        cctx = zstandard.ZstdCompressor(level=t.level)
+        verify, self.verify = self.verify, True
+        try:
+            with self.env.begin(write=True) as txn:
+                for b in blocks:
+                    b = int(b)
+                    key = block_key(t.name, b)
+                    arr = self._decode(t, b, txn.get(key)).reshape(-1, t.rb).copy()
+                    sel = (ranks // t.br) == b
+                    arr[ranks[sel] - b * t.br] = rows[sel]
+                    txn.put(key, encode_block(arr.tobytes(), t.itemsize, t.shuffle, cctx))
+        finally:
+            self.verify = verify
+
+    def close(self) -> None:
+        if self.env is not None:
+            self.env.close()
+            self.env = None

@@ -1,0 +1,60 @@
+"""The DRAM tier: a host slab of ``capacity`` row slots, placed by :class:`SlotLRU`.
+
+The policy (``cache_policy.SlotLRU``, keys = frequency ranks) decides hits, admissions,
+victims and pins; this module only holds bytes: ``slab`` (``[capacity, row_bytes]`` uint8,
+pinned when the device is CUDA) and ``ready`` (``int64[capacity]``, 0 = the slot's bytes are
+valid, otherwise the id of the load that is filling it). All bookkeeping is NumPy arrays
+indexed by slot or key: no per-row Python objects.
+
+Thread-safety: ``policy`` and ``ready``'s *assignment of load ids* only under the store
+lock; a load clears ``ready`` of its own (pinned) slots without the lock, which is safe
+because a pinned slot cannot be re-assigned until the handle holding the pin is released,
+and that happens after the load finished.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cache_policy import SlotLRU
+
+
+class DramTier:
+    def __init__(self, n_keys: int, capacity: int, row_bytes: int, pin: bool) -> None:
+        self.policy = SlotLRU(n_keys, capacity)
+        cap = self.policy.capacity
+        self.slab = torch.empty((cap, row_bytes), dtype=torch.uint8, pin_memory=pin and cap > 0)
+        self.ready = np.zeros(cap, dtype=np.int64)
+
+    @property
+    def capacity(self) -> int:
+        return self.policy.capacity
+
+    def warm(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        slots = self.policy.warm(keys)
+        ok = slots >= 0
+        if ok.any():
+            self.slab[torch.from_numpy(slots[ok])] = torch.from_numpy(np.ascontiguousarray(rows[ok]))
+
+    def fill(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        if slots.size:
+            self.slab[torch.from_numpy(slots)] = torch.from_numpy(np.ascontiguousarray(rows))
+
+    def refresh(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite the cached copies of ``keys`` (those that are cached) with ``rows``."""
+        if not keys.size or not self.capacity:
+            return
+        slots = self.policy.slots(keys)
+        ok = slots >= 0
+        if ok.any():
+            self.fill(slots[ok], rows[ok])
+
+    def invalidate(self, slots: np.ndarray, load_id: int) -> None:
+        """Forget slots that a failed load was filling (their bytes are not valid)."""
+        slots = slots[self.ready[slots] == load_id]
+        if slots.size:
+            keys = self.policy.key_of[slots]
+            self.policy.slot_of[keys[keys >= 0]] = -1
+            self.policy.key_of[slots] = -1
+            self.ready[slots] = 0

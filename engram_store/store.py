@@ -1,0 +1,463 @@
+"""The tiered store: HBM tier, DRAM tier and disk tier behind one asynchronous prefetch API.
+
+Thread-safety (the rules, stated once):
+
+* ``prefetch``, ``lookup``, ``update``, ``stats``, ``table`` and ``close`` may be called from
+  many threads at once. Every policy decision (dedupe, rank, tier split, DRAM hit / miss /
+  admission / eviction, pins) is taken inside ``prefetch`` under one store lock, in issue
+  order; only disk reads and copies run on the store's thread pools.
+* A handle sees the table *as of its prefetch*: ``update`` waits (under the lock) for every
+  earlier prefetch of that table to finish its reads and copies, then writes, so an update
+  is atomic to readers and never torn.
+* ``Handle.wait`` / ``done`` from any thread, any number of times.
+* The store's pools never take the store lock, so ``wait()`` can never deadlock against it.
+
+Data path of one prefetch: ids -> ``np.unique`` -> ``rank = remap[id]`` -> ``rank < H``: HBM
+tier; else ``SlotLRU.access`` (pins every returned slot): hits are gathered from the slab
+(after waiting for a slot still being filled by an earlier load), misses are read from disk
+by a job on the pool, which first copies the admitted ones into their slots and marks them
+ready; misses with slot -1 are served from the read, uncached. When every row is already
+resident the gather happens inline and the handle is done at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .budget import check_budget, plan_rows
+from .disk_lmdb import LmdbDisk
+from .disk_mmap import MmapDisk
+from .dram import DramTier
+from .errors import (
+    EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
+    UnknownTableError,
+)
+from .format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
+from .handle import Handle, done_future
+from .hbm import HbmTier
+from .stats import TableStats
+
+_HBM, _DRAM, _DISK = 0, 1, 2
+_WARM_CHUNK_BYTES = 64 << 20
+
+
+class _Load:
+    """One disk load that fills DRAM slots; later hits on those slots wait for it."""
+
+    __slots__ = ("event", "error")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait_ok(self) -> None:
+        self.event.wait()
+        if self.error is not None:
+            cls = type(self.error) if isinstance(self.error, EngramStoreError) else EngramStoreError
+            raise cls(f"rows this batch needs were being loaded by an earlier prefetch that failed: {self.error}")
+
+
+class _Table:
+    def __init__(self, name: str, info: TableInfo, remap: np.ndarray, hbm: HbmTier, dram: DramTier) -> None:
+        self.name = name
+        self.info = info
+        self.remap = remap
+        self.hbm = hbm
+        self.H = hbm.rows
+        self.dram = dram
+        self.stats = TableStats()
+        self.inflight: set[Future] = set()
+
+
+class _Plan:
+    """Everything one prefetch decided under the lock; executed by a job or inline."""
+
+    __slots__ = ("t", "shape", "inverse", "cls_u", "src_u", "miss_ranks", "fill_slots", "fill_idx",
+                 "deps", "load_id", "load", "pinned", "failed")
+
+
+class TableView:
+    """One table of a store, as engram_model's ``MemoryTable`` (``rows``, ``dim``, ``prefetch``)."""
+
+    def __init__(self, store: "TieredStore", name: str) -> None:
+        self.store, self.name = store, name
+        info = store.tables[name]
+        self.rows, self.dim, self.dtype = info.rows, info.dim, info.dtype
+
+    def prefetch(self, row_ids) -> Handle:
+        return self.store.prefetch(self.name, row_ids)
+
+    def lookup(self, row_ids) -> torch.Tensor:
+        return self.store.lookup(self.name, row_ids)
+
+    def update(self, row_ids, values) -> None:
+        self.store.update(self.name, row_ids, values)
+
+    def __repr__(self) -> str:
+        return f"TableView({self.name!r}, rows={self.rows}, dim={self.dim}, dtype={self.dtype})"
+
+
+class TieredStore:
+    """An open store. Create with :func:`engram_store.open`; see the module docstring for threads."""
+
+    def __init__(self, path, *, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: str | None = None,
+                 fingerprint: str | None = None, io_threads: int = 8, job_threads: int = 4,
+                 verify_reads: bool = True, tier_plan: dict | None = None) -> None:
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        self.manifest = manifest
+        if backend is not None and backend != manifest["backend"]:
+            raise EngramStoreError(
+                f"store {str(self.path)!r} uses the {manifest['backend']!r} backend, not {backend!r}: "
+                f"open it with backend=None or rebuild it with backend={backend!r}"
+            )
+        self.backend = manifest["backend"]
+        self.fingerprint = manifest.get("fingerprint")
+        if fingerprint is not None and fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"store {str(self.path)!r} was built for hash-config fingerprint {self.fingerprint!r}, but the "
+                f"model's is {fingerprint!r}: rebuild the store from this checkpoint (engram-store build)"
+            )
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        infos = {n: table_info(n, e) for n, e in manifest["tables"].items()}
+        plan = plan_rows(infos, hbm_bytes, dram_bytes, tier_plan if tier_plan is not None else manifest.get("tier_plan"))
+        check_budget(infos, plan, self.device)
+        self.tables: dict[str, TableInfo] = infos
+
+        self._lock = threading.Lock()
+        self._closed = False
+        self._releases: collections.deque = collections.deque()
+        self._loads: dict[int, _Load] = {}
+        self._load_ids = itertools.count(1)
+        self._io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="engram-io")
+        self._job_pool = ThreadPoolExecutor(max(1, job_threads), thread_name_prefix="engram-job")
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        pin = self.device.type == "cuda"
+        disk_cls = MmapDisk if self.backend == "mmap" else LmdbDisk
+        self._disk = None
+        try:
+            self._disk = disk_cls(self.path, manifest, infos, self._io_pool, io_threads, verify_reads)
+            self._t: dict[str, _Table] = {}
+            for name, info in infos.items():
+                remap = load_remap(self.path, name, manifest["tables"][name], info.rows)
+                H, C = plan[name]
+                hbm = HbmTier(self._disk.read_range(name, 0, H), self.device)
+                dram = DramTier(info.rows, C, info.row_bytes, pin)
+                step = max(1, _WARM_CHUNK_BYTES // info.row_bytes)
+                for s in range(H, H + C, step):
+                    e = min(H + C, s + step)
+                    dram.warm(np.arange(s, e, dtype=np.int64), self._disk.read_range(name, s, e))
+                self._t[name] = _Table(name, info, remap, hbm, dram)
+        except BaseException:
+            self._shutdown()
+            raise
+
+    # -- helpers -------------------------------------------------------------------------
+    def _table(self, name: str) -> _Table:
+        if self._closed:
+            raise StoreClosedError(f"store {str(self.path)!r} is closed")
+        t = self._t.get(name) if isinstance(name, str) else None
+        if t is None:
+            raise UnknownTableError(f"unknown table {name!r}: this store holds {sorted(self._t)}")
+        return t
+
+    @staticmethod
+    def _ids(t: _Table, row_ids) -> np.ndarray:
+        if isinstance(row_ids, torch.Tensor):
+            if row_ids.dtype.is_floating_point or row_ids.dtype.is_complex or row_ids.dtype == torch.bool:
+                raise InvalidRowIdsError(f"row ids of table {t.name!r} must be integers, got {row_ids.dtype}")
+            a = row_ids.detach().cpu().numpy()
+        else:
+            a = np.asarray(row_ids)
+            if a.size == 0 and a.dtype.kind == "f":
+                a = a.astype(np.int64)
+            if a.dtype.kind not in "iu":
+                raise InvalidRowIdsError(f"row ids of table {t.name!r} must be integers, got {a.dtype}")
+        if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
+            raise InvalidRowIdsError(f"row ids of table {t.name!r} must be in [0, {t.info.rows})")
+        a = a.astype(np.int64, copy=False)
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if lo < 0 or hi >= t.info.rows:
+                raise InvalidRowIdsError(
+                    f"row ids of table {t.name!r} must be in [0, {t.info.rows}); got min {lo}, max {hi}"
+                )
+        return a
+
+    def _drain_releases(self) -> None:
+        while self._releases:
+            self._release(self._releases.popleft())
+
+    def _release(self, p: _Plan) -> None:
+        """Unpin a plan's slots (store lock held). Invalidates slots its failed load was filling."""
+        if self._closed:
+            return
+        t = p.t
+        if p.pinned.size:
+            t.dram.policy.release(p.pinned)
+        if p.failed and p.load_id:
+            t.dram.invalidate(p.fill_slots, p.load_id)
+            self._loads.pop(p.load_id, None)
+
+    def _release_now(self, p: _Plan) -> None:
+        with self._lock:
+            self._drain_releases()
+            self._release(p)
+
+    # -- the API -------------------------------------------------------------------------
+    def prefetch(self, table: str, row_ids) -> Handle:
+        """Start fetching ``row_ids`` (any shape) of ``table``; returns at once. Thread-safe."""
+        t = self._table(table)
+        ids = self._ids(t, row_ids)
+        shape = ids.shape
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"store {str(self.path)!r} is closed")
+            self._drain_releases()
+            p = self._plan(t, ids.reshape(-1), shape)
+            if p.miss_ranks.size == 0 and not p.deps:
+                try:
+                    fut = done_future(self._assemble(p, None))
+                except BaseException:
+                    self._release(p)
+                    raise
+            else:
+                fut = self._job_pool.submit(self._job, p)
+                t.inflight.add(fut)
+                fut.add_done_callback(t.inflight.discard)
+        t.stats.add(prefetches=1)
+        return Handle(fut, lambda: self._release_now(p), lambda: self._releases.append(p), t.stats)
+
+    def lookup(self, table: str, row_ids) -> torch.Tensor:
+        """``prefetch(table, row_ids).wait()``. Thread-safe."""
+        return self.prefetch(table, row_ids).wait()
+
+    def _plan(self, t: _Table, ids: np.ndarray, shape) -> _Plan:
+        p = _Plan()
+        p.t, p.shape, p.deps, p.load_id, p.load, p.failed = t, shape, [], 0, None, False
+        uniq, p.inverse = np.unique(ids, return_inverse=True)
+        p.inverse = p.inverse.reshape(-1)
+        ranks = t.remap[uniq].astype(np.int64)
+        U = uniq.size
+        p.cls_u = np.full(U, _HBM, np.int8)
+        p.src_u = ranks.copy()
+        rest = np.flatnonzero(ranks >= t.H)
+        n_hbm = U - rest.size
+        p.pinned = np.empty(0, np.int64)
+        p.miss_ranks = np.empty(0, np.int64)
+        p.fill_slots = p.fill_idx = np.empty(0, np.int64)
+        if rest.size:
+            keys = ranks[rest]
+            slots, hit, _evicted = t.dram.policy.access(keys)
+            p.pinned = slots[slots >= 0]
+            hit_slots = slots[hit]
+            p.cls_u[rest[hit]] = _DRAM
+            p.src_u[rest[hit]] = hit_slots
+            if hit_slots.size:
+                lids = t.dram.ready[hit_slots]
+                for lid in np.unique(lids[lids != 0]).tolist():
+                    ld = self._loads.get(lid)
+                    if ld is not None:
+                        p.deps.append(ld)
+            miss = np.flatnonzero(~hit)
+            if miss.size:
+                p.cls_u[rest[miss]] = _DISK
+                p.src_u[rest[miss]] = np.arange(miss.size)
+                p.miss_ranks = keys[miss]
+                msl = slots[miss]
+                adm = np.flatnonzero(msl >= 0)
+                p.fill_idx, p.fill_slots = adm, msl[adm]
+                if adm.size:
+                    p.load_id = next(self._load_ids)
+                    p.load = self._loads[p.load_id] = _Load()
+                    t.dram.ready[p.fill_slots] = p.load_id
+            rb = t.info.row_bytes
+            t.stats.add(hbm_hits=n_hbm, hbm_bytes=n_hbm * rb, dram_bytes=int(hit_slots.size) * rb)
+        else:
+            t.stats.add(hbm_hits=n_hbm, hbm_bytes=n_hbm * t.info.row_bytes)
+        return p
+
+    def _job(self, p: _Plan):
+        """Runs on the job pool: own disk read (fill slots, mark ready), wait deps, assemble.
+
+        Never takes the store lock. A job waits only on loads of *earlier* plans, and does its
+        own load before waiting, so jobs cannot deadlock each other.
+        """
+        t = p.t
+        miss_rows = None
+        if p.miss_ranks.size:
+            try:
+                miss_rows, moved = self._disk.read(t.name, p.miss_ranks)
+                t.stats.add(disk_reads=1, disk_rows=p.miss_ranks.size, disk_bytes=moved)
+                if p.fill_slots.size:
+                    t.dram.fill(p.fill_slots, miss_rows[p.fill_idx])
+            except BaseException as e:
+                p.failed = True
+                t.stats.add(failures=1)
+                if p.load is not None:
+                    p.load.error = e
+                    p.load.event.set()
+                raise
+            if p.load is not None:
+                t.dram.ready[p.fill_slots] = 0
+                p.load.event.set()
+                self._loads.pop(p.load_id, None)
+        for ld in p.deps:
+            ld.wait_ok()
+        return self._assemble(p, miss_rows)
+
+    def _assemble(self, p: _Plan, miss_rows: np.ndarray | None):
+        """Gather every row into ``[*shape, dim]`` (host staging, then device on a side stream)."""
+        t = p.t
+        rb, N = t.info.row_bytes, p.inverse.size
+        present = np.unique(p.cls_u) if p.cls_u.size else np.empty(0, np.int8)
+        sources = {_HBM: t.hbm.data, _DRAM: t.dram.slab}
+        if miss_rows is not None:
+            sources[_DISK] = torch.from_numpy(miss_rows)
+        on_cuda = self.device.type == "cuda"
+        src_p = p.src_u[p.inverse] if present.size > 0 else np.empty(0, np.int64)
+        cls_p = p.cls_u[p.inverse] if present.size > 1 else None
+
+        def positions(c):
+            if cls_p is None:
+                return None, torch.from_numpy(src_p)
+            pos = np.flatnonzero(cls_p == c)
+            return torch.from_numpy(pos), torch.from_numpy(src_p[pos])
+
+        host = [c for c in present.tolist() if c != _HBM or not on_cuda]
+        event = None
+        if not host and not on_cuda:
+            out = torch.empty((N, rb), dtype=torch.uint8)
+        elif host:
+            out = torch.empty((N, rb), dtype=torch.uint8, pin_memory=on_cuda)
+            for c in host:
+                pos, idx = positions(c)
+                if pos is None:
+                    torch.index_select(sources[c], 0, idx, out=out)
+                else:
+                    out[pos] = sources[c].index_select(0, idx)
+        if on_cuda:
+            with torch.cuda.stream(self._side_stream):
+                out = out.to(self.device, non_blocking=True) if host else torch.empty((N, rb), dtype=torch.uint8,
+                                                                                     device=self.device)
+                if _HBM in present.tolist():
+                    pos, idx = positions(_HBM)
+                    idx = idx.to(self.device, non_blocking=True)
+                    if pos is None:
+                        torch.index_select(t.hbm.data, 0, idx, out=out)
+                    else:
+                        out[pos.to(self.device, non_blocking=True)] = t.hbm.data.index_select(0, idx)
+                event = torch.cuda.Event()
+                event.record(self._side_stream)
+        result = out.view(t.info.dtype).reshape(*p.shape, t.info.dim)
+        return result, event
+
+    def update(self, table: str, row_ids, values) -> None:
+        """Write ``values`` (``[*row_ids.shape, dim]``, the table's dtype) to ``row_ids``, atomically.
+
+        On a repeated id the last occurrence wins. The disk write is one LMDB transaction (lmdb)
+        or a journalled in-place write (mmap); cached copies in the HBM and DRAM tiers are
+        refreshed before the store lock is released. Thread-safe.
+        """
+        t = self._table(table)
+        ids = self._ids(t, row_ids)
+        info = t.info
+        if not isinstance(values, torch.Tensor):
+            raise InvalidValuesError(f"values for table {table!r} must be a torch.Tensor, got {type(values).__name__}")
+        if values.dtype != info.dtype:
+            raise InvalidValuesError(
+                f"values for table {table!r} must be {DTYPE_NAMES[info.dtype]}, got {values.dtype}: cast them first"
+            )
+        want = (*ids.shape, info.dim)
+        if tuple(values.shape) != want:
+            raise InvalidValuesError(f"values for table {table!r} must have shape {list(want)}, got {list(values.shape)}")
+        flat = ids.reshape(-1)
+        if flat.size == 0:
+            return
+        raw = values.detach().to("cpu").contiguous().reshape(-1, info.dim).view(torch.uint8).numpy()
+        rev_uniq, rev_first = np.unique(flat[::-1], return_index=True)
+        src = flat.size - 1 - rev_first
+        ranks = t.remap[rev_uniq].astype(np.int64)
+        order = np.argsort(ranks)
+        ranks, rows = ranks[order], np.ascontiguousarray(raw[src[order]])
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"store {str(self.path)!r} is closed")
+            self._drain_releases()
+            pending = list(t.inflight)
+            if pending:
+                wait_futures(pending)
+            self._disk.write(t.name, ranks, rows)
+            h = ranks < t.H
+            t.hbm.refresh(ranks[h], rows[h])
+            t.dram.refresh(ranks[~h], rows[~h])
+        t.stats.add(updates=1, updated_rows=ranks.size)
+
+    def stats(self) -> dict:
+        """``{table: {"hbm": {...}, "dram": {...}, "disk": {...}, "wait_ms": {"p50", "p99", "count"}, ...}}``.
+
+        Counts are distinct rows per prefetch; bytes are bytes moved out of each tier (disk:
+        bytes read, whole checksum blocks). Thread-safe.
+        """
+        with self._lock:
+            self._drain_releases()
+            return {n: t.stats.snapshot(t.dram.policy) for n, t in self._t.items()}
+
+    def table(self, name: str) -> TableView:
+        self._table(name)
+        return TableView(self, name)
+
+    def close(self) -> None:
+        """Finish in-flight work, then release pools and files. Idempotent, thread-safe."""
+        with self._lock:
+            if self._closed:
+                return
+            pending = [f for t in getattr(self, "_t", {}).values() for f in list(t.inflight)]
+            if pending:
+                wait_futures(pending)
+            self._drain_releases()
+            self._closed = True
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        self._job_pool.shutdown(wait=True)
+        self._io_pool.shutdown(wait=True)
+        if self._disk is not None:
+            self._disk.close()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"TieredStore({str(self.path)!r}, backend={self.backend!r}, device={str(self.device)!r}, "
+                f"tables={ {n: (i.rows, i.dim, DTYPE_NAMES[i.dtype]) for n, i in self.tables.items()} })")
+
+
+def open(path, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: str | None = None,
+         fingerprint: str | None = None, **options) -> TieredStore:  # noqa: A001 - the public name
+    """Open the store at ``path``.
+
+    ``device``: "cuda" / "cpu" / None (cuda when present). ``hbm_bytes`` / ``dram_bytes``: tier
+    budgets, split among tables (see budget.py); a budget the machine cannot honour raises
+    BudgetError. ``backend``: None, or the backend the caller expects. ``fingerprint``: the
+    model's hash-config fingerprint; a different one raises FingerprintMismatchError.
+    ``options``: ``io_threads`` (8), ``job_threads`` (4), ``verify_reads`` (True: every disk read
+    checks its block's crc32), ``tier_plan`` (overrides the manifest's).
+    """
+    return TieredStore(path, device=device, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes, backend=backend,
+                       fingerprint=fingerprint, **options)
