@@ -162,7 +162,8 @@ class MmapDisk:
             name = t.name.encode()
             parts += [struct.pack("<H", len(name)), name, struct.pack("<QII", b, len(data), c), data]
         body = _JOURNAL_MAGIC + b"".join(parts)
-        body += b"END!" + struct.pack("<I", crc32(body))
+        body += b"END!"
+        body += struct.pack("<I", crc32(body))
         tmp = self.root / (JOURNAL + ".partial")
         with open(tmp, "wb") as f:
             f.write(body)

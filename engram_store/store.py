@@ -37,6 +37,7 @@ from .disk_mmap import MmapDisk
 from .dram import DramTier
 from .errors import (
     EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
+    StoreCorruptError,
     UnknownTableError,
 )
 from .format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
@@ -156,12 +157,25 @@ class TieredStore:
                 dram = DramTier(info.rows, C, info.row_bytes, pin)
                 step = max(1, _WARM_CHUNK_BYTES // info.row_bytes)
                 for s in range(H, H + C, step):
-                    e = min(H + C, s + step)
-                    dram.warm(np.arange(s, e, dtype=np.int64), self._disk.read_range(name, s, e))
+                    self._warm(dram, name, s, min(H + C, s + step))
                 self._t[name] = _Table(name, info, remap, hbm, dram)
         except BaseException:
             self._shutdown()
             raise
+
+    def _warm(self, dram: DramTier, name: str, start: int, stop: int) -> None:
+        """Fill the DRAM tier with ranks [start, stop); a corrupt block is left out (reads of it fail later)."""
+        try:
+            dram.warm(np.arange(start, stop, dtype=np.int64), self._disk.read_range(name, start, stop))
+        except StoreCorruptError:
+            br = int(self.manifest["tables"][name]["block_rows"])
+            for s in range(start, stop, br):
+                e = min(stop, (s // br + 1) * br)
+                try:
+                    rows = self._disk.read_range(name, s, e)
+                except StoreCorruptError:
+                    continue
+                dram.warm(np.arange(s, e, dtype=np.int64), rows)
 
     # -- helpers -------------------------------------------------------------------------
     def _table(self, name: str) -> _Table:
