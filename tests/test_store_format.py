@@ -1,0 +1,87 @@
+"""The exact bytes of a tiny store (safetensors' lesson: write the format down, test the bytes).
+
+Expected bytes are spelled out from the format description in docs/readme_store.md, not
+produced by the writer.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+import torch
+
+import engram_store
+
+MANIFEST = b"""{
+ "backend": "mmap",
+ "fingerprint": "f00d",
+ "format": "engram-store",
+ "format_version": 1,
+ "tables": {
+  "t": {
+   "block_rows": 1024,
+   "checksum": "crc32",
+   "crc_file": "t.crc32",
+   "dim": 2,
+   "dtype": "float16",
+   "remap": "t.remap.npy",
+   "row_bytes": 4,
+   "rows": 3,
+   "rows_file": "t.rows"
+  }
+ },
+ "tier_plan": {
+  "tables": {
+   "t": {
+    "hbm_fraction": 1.0
+   }
+  }
+ }
+}
+"""
+
+
+def _npy_int32(values: list[int]) -> bytes:
+    header = "{'descr': '<i4', 'fortran_order': False, 'shape': (%d,), }" % len(values)
+    total = 10 + len(header) + 1
+    header += " " * ((-total) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + struct.pack(f"<{len(values)}i", *values)
+
+
+def test_exact_bytes_of_a_tiny_store(tmp_path):
+    T = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-0.0, 65504.0]], dtype=torch.float16)
+    order = torch.tensor([2, 0, 1])  # rank 0 is row 2, rank 1 row 0, rank 2 row 1
+    path = engram_store.write(tmp_path / "s", {"t": T}, order={"t": order}, fingerprint="f00d",
+                              tier_plan={"tables": {"t": {"hbm_fraction": 1.0}}})
+    assert sorted(os.listdir(path)) == ["manifest.json", "t.crc32", "t.remap.npy", "t.rows"]
+    rows = struct.pack("<6e", -0.0, 65504.0, 1.0, -2.0, 0.5, 3.0)  # rank order, little-endian fp16
+    assert (path / "t.rows").read_bytes() == rows == b"\x00\x80\xff{\x00<\x00\xc0\x008\x00B"
+    assert (path / "t.crc32").read_bytes() == struct.pack("<I", zlib.crc32(rows))
+    assert (path / "t.remap.npy").read_bytes() == _npy_int32([1, 2, 0])  # remap[row] = rank
+    assert (path / "manifest.json").read_bytes() == MANIFEST
+
+
+def test_bytes_do_not_depend_on_table_insertion_order(tmp_path):
+    a, b = torch.randn(5, 3), torch.randn(7, 2).half()
+    p1 = engram_store.write(tmp_path / "1", {"a": a, "b": b})
+    p2 = engram_store.write(tmp_path / "2", {"b": b, "a": a})
+    for name in os.listdir(p1):
+        assert (p1 / name).read_bytes() == (p2 / name).read_bytes(), name
+
+
+def test_bfloat16_and_float32_rows_are_raw_little_endian(tmp_path):
+    T32 = torch.tensor([[1.5], [-3.25]])
+    p = engram_store.write(tmp_path / "f", {"x": T32, "y": T32.bfloat16()})
+    assert (p / "x.rows").read_bytes() == struct.pack("<2f", 1.5, -3.25)
+    # bfloat16 = the high two bytes of the float32
+    assert (p / "y.rows").read_bytes() == struct.pack("<2f", 1.5, -3.25)[2:4] + struct.pack("<2f", 1.5, -3.25)[6:8]
+
+
+def test_block_checksums_cover_4kib_pages(tmp_path):
+    T = torch.randn(2500, 1)  # 4-byte rows: 1024 rows per block, 3 blocks, the last short
+    p = engram_store.write(tmp_path / "s", {"t": T})
+    raw = (p / "t.rows").read_bytes()
+    crcs = struct.unpack("<3I", (p / "t.crc32").read_bytes())
+    assert crcs == tuple(zlib.crc32(raw[i: i + 4096]) for i in (0, 4096, 8192))
