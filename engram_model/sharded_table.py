@@ -128,6 +128,7 @@ class ShardedEmbedding(nn.Module):
         self.step_count = 0
         self._grad_ids: list[torch.Tensor] = []
         self._grad_rows: list[torch.Tensor] = []
+        self._grad_scale = 1.0  # set by clip_grad_norm_, applied at step()
         self._anchor = torch.zeros(0, requires_grad=True)  # gives autograd an input to differentiate
         self._failed: BaseException | None = None
 
@@ -170,6 +171,7 @@ class ShardedEmbedding(nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: ARG002 - nn.Module signature
         self._grad_ids.clear()
         self._grad_rows.clear()
+        self._grad_scale = 1.0
 
     def local_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulated gradient of owned rows: (unique local ids, ``[U, dim]`` rows), scaled."""
@@ -181,7 +183,17 @@ class ShardedEmbedding(nn.Module):
         g = torch.zeros(uniq.numel(), self.dim).index_add_(0, inv, rows)
         if self.grad_average and self.world_size > 1:
             g /= self.world_size
+        if self._grad_scale != 1.0:
+            g *= self._grad_scale
         return uniq, g
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """Squared L2 norm of the whole table's gradient (collective: all_reduce over owners)."""
+        _, g = self.local_grad()
+        sq = g.double().pow(2).sum().reshape(1)
+        if self.world_size > 1:
+            self._call(lambda ex: dist.all_reduce(sq, group=ex.group), "grad norm")
+        return sq[0]
 
     @torch.no_grad()
     def step(self) -> None:
@@ -229,3 +241,19 @@ class ShardedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, dim={self.dim}, rank={self.rank}/{self.world_size}, lazy={self.lazy}"
+
+
+def clip_grad_norm_(parameters, tables: list[ShardedEmbedding], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` over replicated dense ``parameters`` (gradients already
+    averaged across ranks, e.g. by DDP) plus sharded ``tables``: one global norm, the same
+    clip factor on every rank. Collective. Returns the total norm."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    dense_sq = sum((g.detach().double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+    table_sq = sum((t.grad_sq_norm() for t in tables), torch.zeros((), dtype=torch.float64))
+    total = (dense_sq + table_sq).sqrt().float()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.detach().mul_(coef.to(g.dtype))
+    for t in tables:
+        t._grad_scale *= float(coef)
+    return total
