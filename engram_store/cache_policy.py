@@ -8,11 +8,11 @@ same class, so simulated and measured hit counts agree by construction.
 Lookahead: every slot handed out by :meth:`SlotLRU.access` is *pinned* until the caller
 :meth:`release` s it (the store releases when the handle is waited on). A pinned slot is
 never chosen as a victim, so a later prefetch cannot evict rows an earlier, unwaited
-one still needs; eviction takes free slots first, then the least recently used unpinned
-(among equally old rows, the highest key: the coldest rank).
+one still needs; eviction takes free slots first, then the unpinned slot of lowest score
+(plain LRU: the least recently used; see :class:`SlotLRU`).
 
 Vectorized over a batch (numpy arrays indexed by key and by slot), no per-row Python
-objects. Memory: 4 bytes per key of the table plus 20 bytes per slot.
+objects. Memory: 8 bytes per key of the table (4 with ``recency=None``) plus 20 bytes per slot.
 
 Not thread-safe: the store serialises calls behind its own lock.
 """
@@ -25,19 +25,36 @@ _NEVER = np.iinfo(np.int64).max
 
 
 class SlotLRU:
-    """LRU over ``capacity`` slots for keys in ``[0, n_keys)``, with pin counts.
+    """Recency/frequency cache over ``capacity`` slots for keys in ``[0, n_keys)``, with pin counts.
+
+    Victims (among unpinned slots) are those of lowest *score*. With ``recency=None`` the
+    score is the last access tick: plain LRU. By default (``recency=0.1``) it is
+
+        score = accesses[key] / clock + recency / (clock + 1 - last_use)
+
+    (``clock`` = access calls so far; ``accesses`` counts every access of the key through
+    this tier, hit or miss): a row's observed rate of use plus a bonus for being used just
+    now, decaying with age, so a row seen in many requests outlives a burst of one-off
+    rows. On hashed N-gram traces this lifts the hit rate by 3–5 points of Belady's
+    optimum over LRU (bench/README). Ties (equal scores): the highest key (coldest rank) first.
 
     ``admit_below``: misses whose key is ``>= admit_below`` are served but not cached
     (keys are frequency ranks, so this keeps one-off cold rows from flushing warm ones);
     ``None`` admits every miss.
     """
 
-    def __init__(self, n_keys: int, capacity: int, *, admit_below: int | None = None) -> None:
+    def __init__(self, n_keys: int, capacity: int, *, admit_below: int | None = None,
+                 recency: float | None = 0.1) -> None:
         if capacity < 0 or n_keys < 0:
             raise ValueError(f"n_keys and capacity must be >= 0, got {n_keys}, {capacity}")
+        if recency is not None and not recency >= 0:
+            raise ValueError(f"recency must be >= 0 or None (plain LRU), got {recency}")
         self.n_keys = int(n_keys)
         self.capacity = int(min(capacity, n_keys))
         self.admit_below = admit_below
+        self.recency = recency
+        # key -> accesses seen by this tier (only kept for the frequency score)
+        self.accesses = np.zeros(self.n_keys if recency is not None else 0, dtype=np.uint32)
         index_dtype = np.int32 if self.capacity < 2**31 - 1 else np.int64
         self.slot_of = np.full(self.n_keys, -1, dtype=index_dtype)  # key -> slot or -1
         self.key_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> key or -1 (free)
@@ -70,6 +87,8 @@ class SlotLRU:
         """
         keys = np.asarray(keys, dtype=np.int64)
         self.clock += 1
+        if self.recency is not None:
+            self.accesses[keys] += 1  # keys are unique
         slots = self.slot_of[keys].astype(np.int64)
         hit = slots >= 0
         hit_slots = slots[hit]
@@ -133,22 +152,27 @@ class SlotLRU:
 
     # -- internals ---------------------------------------------------------------------
     def _victims(self, k: int) -> np.ndarray:
-        """Up to ``k`` slots to reuse: free ones first (lowest slot first), then unpinned ones,
-        least recently used first; among equally old (one access call's rows), the highest key
-        (the coldest rank) first. The choice depends on keys and ages only, never on slot
-        numbers, so any caller replaying the same keys gets the same hits."""
+        """Up to ``k`` slots to reuse: free ones first (lowest slot first), then unpinned ones
+        of lowest score (LRU: oldest); among equal scores, the highest key (the coldest rank)
+        first. The choice depends on keys, ages and counts only, never on slot numbers, so
+        any caller replaying the same keys gets the same hits."""
         free = np.flatnonzero(self.key_of < 0)
         if free.size >= k:
             return free[:k]
-        age = np.where((self.pins > 0) | (self.key_of < 0), _NEVER, self.last_use)
-        available = int(np.count_nonzero(age != _NEVER))
-        need = min(k - free.size, available)
+        usable = np.flatnonzero((self.pins == 0) & (self.key_of >= 0))
+        need = min(k - free.size, usable.size)
         if need == 0:
             return free
-        kth = np.partition(age, need - 1)[need - 1]  # the need-th smallest age
-        below = np.flatnonzero(age < kth)
-        tied = np.flatnonzero(age == kth)
-        tied = tied[np.argsort(-self.key_of[tied], kind="stable")[: need - below.size]]
+        keys = self.key_of[usable]
+        if self.recency is None:
+            score = self.last_use[usable]
+        else:
+            score = (self.accesses[keys] / np.float64(self.clock)
+                     + self.recency / (np.float64(self.clock + 1) - self.last_use[usable]))
+        kth = np.partition(score, need - 1)[need - 1]  # the need-th smallest score
+        below = np.flatnonzero(score < kth)
+        tied = np.flatnonzero(score == kth)
+        tied = tied[np.argsort(-keys[tied], kind="stable")[: need - below.size]]
         cand = np.concatenate([below, tied])
-        cand = cand[np.lexsort((-self.key_of[cand], age[cand]))]
-        return np.concatenate([free, cand]).astype(np.int64)
+        cand = cand[np.lexsort((-keys[cand], score[cand]))]
+        return np.concatenate([free, usable[cand]]).astype(np.int64)

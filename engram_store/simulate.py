@@ -186,7 +186,7 @@ def _simulate_ours(trace: Trace, caps: dict[str, int], ranks: dict[str, np.ndarr
     return hbm, hbm_hits, {t: lru.hits for t, lru in lrus.items()}
 
 
-def simulate(trace: Trace, policy: str, capacity: float | Mapping[str, int], *, hbm_share: float = 0.5,
+def simulate(trace: Trace, policy: str, capacity: float | Mapping[str, int], *, hbm_share: float = 0.25,
              window: int = 2, policy_kwargs: dict | None = None) -> Result:
     """Hits of ``policy`` over ``trace`` with ``capacity`` rows per table (fraction or ``{table: rows}``).
 

@@ -212,11 +212,29 @@ def _token_chunks(ckpt, texts: Iterable[str], seq_len: int, max_tokens: int | No
         yield from flush()
 
 
-def _hash_batches(ckpt, chunks, batch: int):
+def _hash_batches(ckpt, chunks, batch: int, order: str = "in-order", seed: int = 0):
+    """Batches of ``batch`` sequences hashed to ``{table: row ids [B, T, K]}``.
+
+    ``in-order``: consecutive pieces fill a batch. ``streams``: B streams, each reading its own
+    contiguous part of the text (like serving B documents side by side; step s takes the s-th
+    piece of every part). ``shuffled``: pieces in a random order (a shuffling data loader).
+    """
     import torch
 
+    if order == "in-order":
+        seqs = chunks
+    else:
+        chunks = list(chunks)
+        n = len(chunks) // batch * batch
+        if order == "streams":
+            per = n // batch
+            seqs = (chunks[b * per + s] for s in range(per) for b in range(batch))
+        elif order == "shuffled":
+            seqs = (chunks[i] for i in np.random.default_rng(seed).permutation(len(chunks))[:n])
+        else:
+            raise EngramStoreError(f"unknown trace order {order!r}: use in-order, streams or shuffled")
     pending: list[np.ndarray] = []
-    for c in chunks:
+    for c in seqs:
         pending.append(c)
         if len(pending) == batch:
             ids = torch.from_numpy(np.stack(pending))
@@ -226,13 +244,15 @@ def _hash_batches(ckpt, chunks, batch: int):
 
 def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike] | None = None, *,
                held_out_fraction: float = 0.1, batch: int = 8, seq_len: int = 256,
-               max_tokens: int | None = 400_000, max_train_tokens: int | None = None, counts=None) -> Trace:
+               max_tokens: int | None = 400_000, max_train_tokens: int | None = None, counts=None,
+               order: str = "streams", seed: int = 0) -> Trace:
     """Held-out real-text trace through ``checkpoint``'s own hash config.
 
     The corpus files (default: this Python's standard library) are split by path hash
     (``engram_model.corpus.split_files``); the held-out part (at most ``max_tokens`` tokens)
     becomes the trace, and per-row counts come from the training part hashed the same way
     (or from ``counts``: a ``Counts`` object, whose fingerprint must match the checkpoint's).
+    ``order``: how held-out pieces of ``seq_len`` tokens form batches (see :func:`_hash_batches`).
     """
     from engram_model.checkpoint import load_checkpoint
     from engram_model.corpus import iter_texts, split_files, stdlib_files
@@ -254,7 +274,7 @@ def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike
                                "give more files or a larger held-out fraction")
     layers = list(ckpt.hash_config.layer_ids)
     rows = {f"layer{L}": int(ckpt.hasher.table_rows[L]) for L in layers}
-    batches = _hash_batches(ckpt, _token_chunks(ckpt, iter_texts(held_files), seq_len, max_tokens), batch)
+    batches = _hash_batches(ckpt, _token_chunks(ckpt, iter_texts(held_files), seq_len, max_tokens), batch, order, seed)
     requests, issued = [], 0
     for b in batches:
         for table, ids, n in _requests_from_batch(b):
@@ -277,6 +297,6 @@ def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike
             f"counts were made for hash config {counts_fp[:12]}…, but checkpoint {checkpoint} has "
             f"{ckpt.fingerprint[:12]}…: count the corpus again with this checkpoint")
     meta = {"source": "text", "checkpoint": str(checkpoint), "corpus": corpus_name, "held_out_fraction": held_out_fraction,
-            "train_files": len(train_files), "held_out_files": len(held_files), "batch": batch, "seq_len": seq_len,
+            "train_files": len(train_files), "held_out_files": len(held_files), "batch": batch, "seq_len": seq_len, "order": order,
             "steps": len(requests) // max(1, len(layers)), "train_accesses": int(sum(int(c.sum()) for c in tables.values()))}
     return Trace(f"text:{corpus_name}", rows, requests, issued, tables, ckpt.fingerprint, meta)
