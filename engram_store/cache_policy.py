@@ -61,6 +61,7 @@ class SlotLRU:
         self.last_use = np.full(self.capacity, -1, dtype=np.int64)  # slot -> tick of last access
         self.pins = np.zeros(self.capacity, dtype=np.int32)  # slot -> outstanding handles naming it
         self.clock = 0
+        self.warmed = 0  # keys placed by warm() so far (their ages continue across calls)
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -144,8 +145,10 @@ class SlotLRU:
         taken = keys[: free.size]
         self.key_of[free] = taken
         self.slot_of[taken] = free
-        # Warm rows start older than anything touched later, the hottest (first) newest.
-        self.last_use[free] = -1 - np.arange(free.size, dtype=np.int64)
+        # Warm rows start older than anything touched later, the hottest (first) newest; calls
+        # continue each other's ages, so warming in chunks equals one call with all the keys.
+        self.last_use[free] = -1 - self.warmed - np.arange(free.size, dtype=np.int64)
+        self.warmed += int(free.size)
         out = np.full(keys.size, -1, dtype=np.int64)
         out[: free.size] = free
         return out

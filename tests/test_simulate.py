@@ -286,3 +286,18 @@ def test_bad_policy_and_window():
         simulate(trace, "random", 0.1)
     with pytest.raises(EngramStoreError, match="window"):
         simulate(trace, "ours", 0.1, window=0)
+
+
+def test_warming_in_chunks_equals_one_warm():
+    from engram_store.cache_policy import SlotLRU
+
+    rng = np.random.default_rng(5)
+    one, chunked = SlotLRU(100, 30), SlotLRU(100, 30)
+    one.warm(np.arange(10, 40))
+    for s in range(10, 40, 7):
+        chunked.warm(np.arange(s, min(40, s + 7)))
+    for _ in range(30):
+        keys = np.unique(rng.integers(0, 100, size=12))
+        a, ha, _ = one.access(keys, pin=False)
+        b, hb, _ = chunked.access(keys, pin=False)
+        assert np.array_equal(ha, hb) and np.array_equal(a >= 0, b >= 0)
