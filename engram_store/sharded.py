@@ -357,6 +357,7 @@ class Exchange:
         self.comm_device = torch.device(device) if self.backend == "nccl" else torch.device("cpu")
         self.seq = 0
         self.stats = ExchangeStats()
+        self.short_circuit = True  # one rank: no collectives (tests turn it off to exercise them)
 
     # -- step 1 and 2: ids to owners
     def route(self, ids: torch.Tensor, tag: int) -> Route:
@@ -365,7 +366,7 @@ class Exchange:
         ids = ids.to(self.comm_device, torch.int64)
         uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         W = self.world
-        if W == 1:
+        if W == 1 and self.short_circuit:
             route = Route(inverse, [uniq.numel()], [uniq.numel()], uniq, uniq.numel())
             self._account(ids.numel(), uniq.numel(), uniq.numel(), t0)
             return route
@@ -407,7 +408,7 @@ class Exchange:
         """``served``: ``[sum(recv_counts), dim]`` rows for ``route.recv_local``. Returns the rows
         for this rank's flat ids, ``[N, dim]``, bit-for-bit the owners' bytes."""
         t0 = time.perf_counter()
-        if self.world == 1:
+        if self.world == 1 and self.short_circuit:
             return served[route.inverse]
         served = served.to(self.comm_device).contiguous()
         dim, dtype = served.shape[1], served.dtype
@@ -429,7 +430,7 @@ class Exchange:
         dim = grad.shape[1]
         summed = torch.zeros(route.n_unique, dim, dtype=grad.dtype, device=grad.device)
         summed.index_add_(0, route.inverse, grad)
-        if self.world == 1:
+        if self.world == 1 and self.short_circuit:
             return summed
         out = torch.empty(sum(route.recv_counts), dim, dtype=grad.dtype, device=self.comm_device)
         dist.all_to_all_single(out, summed.contiguous(), route.recv_counts, route.send_counts, group=self.group)
@@ -548,7 +549,13 @@ class ShardedStore:
             self._check_same_layout(layout_id)
         self._exchange = Exchange(self._own_group, device=self.device)
         self.rank, self.world_size = self._exchange.rank, self._exchange.world
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engram-a2a-r{self.rank}")
+        cuda_index = None
+        if self.device.type == "cuda":  # the comm thread must use this rank's GPU (NCCL binds to it)
+            cuda_index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"engram-a2a-r{self.rank}",
+            initializer=(lambda: torch.cuda.set_device(cuda_index)) if cuda_index is not None else None,
+        )
         self._lock = threading.Lock()
         self._failed: BaseException | None = None
         self._closed = False

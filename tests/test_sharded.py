@@ -55,11 +55,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, q, pg_timeout):
+def _worker(rank, world, port, fn, args, q, pg_timeout, backend):
     try:
         torch.set_num_threads(1)
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
             timeout=timedelta(seconds=pg_timeout),
         )
         q.put((rank, "ok", fn(rank, world, *args)))
@@ -73,13 +73,13 @@ def _worker(rank, world, port, fn, args, q, pg_timeout):
                 pass
 
 
-def run_ranks(world, fn, *args, timeout=90.0, pg_timeout=20.0, wait_for=None):
+def run_ranks(world, fn, *args, timeout=90.0, pg_timeout=20.0, wait_for=None, backend="gloo"):
     """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo processes; returns
     ``{rank: result}`` for the ranks in ``wait_for`` (default all). Never leaves processes."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, q, pg_timeout), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, q, pg_timeout, backend), daemon=True)
              for r in range(world)]
     wait_for = set(range(world)) if wait_for is None else set(wait_for)
     results, errors = {}, {}
@@ -496,3 +496,31 @@ def test_sharded_training_equals_one_process():
         assert lm["state"].keys() == state.keys()
         for k, v in state.items():
             torch.testing.assert_close(torch.from_numpy(lm["state"][k]), v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _rank_cuda_lookups(rank, world):
+    """Shards on the GPU; on NCCL the ids and rows cross as device tensors."""
+    full = _full_tables()
+    infos = {n: ShardedTableInfo(t.shape[0], t.shape[1], t.dtype) for n, t in full.items()}
+    local = DenseShard.from_full({n: t.cuda() for n, t in full.items()}, rank, world)
+    with ShardedStore(local, infos, device="cuda", timeout=20) as store:
+        store._exchange.short_circuit = False  # run the collectives even with one rank
+        n = 0
+        for step in range(5):
+            for name, t in full.items():
+                ids = _random_ids(rank, t.shape[0], step)
+                got = store.lookup(name, ids.cuda() if step % 2 else ids)
+                assert got.device.type == "cuda"
+                assert torch.equal(_bits(got.cpu()), _bits(t[ids]))
+                n += ids.numel()
+        return {"checked": n, "backend": store._exchange.backend, "bytes": store.stats()["exchange"]["bytes_sent"]}
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.parametrize("backend,world", [("nccl", 1), ("gloo", 2)])
+def test_cuda_shards_match_cpu(backend, world):
+    """NCCL needs one GPU per rank (one GPU here: world 1, collectives forced); gloo ranks may
+    share a GPU (rows on the device, exchange through the host)."""
+    results = run_ranks(world, _rank_cuda_lookups, backend=backend)
+    assert all(r["checked"] > 100 and r["backend"] == backend for r in results.values())
