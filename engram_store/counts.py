@@ -102,15 +102,10 @@ def merge(counts: Sequence[Counts]) -> Counts:
 # -- counting ----------------------------------------------------------------------------
 
 def expand_corpus(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files named, and every ``.txt``/``.py``/``.md``/``.gz``-style file under folders named, sorted."""
-    files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise StoreNotFoundError(f"corpus path {p} does not exist")
+    """The corpus's files (folders expanded), each checked readable before any work starts."""
+    from engram_model.corpus import expand_paths
+
+    files = expand_paths(paths)
     for f in files:
         if not os.access(f, os.R_OK):
             raise EngramStoreError(f"corpus file {f} is not readable: check its permissions")

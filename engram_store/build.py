@@ -1,0 +1,238 @@
+"""Building stores: from a checkpoint and counts, from synthetic rows, and converting between forms.
+
+Every path here writes through :class:`engram_store.StoreWriter`, so a crash leaves any
+earlier store whole and no partial store behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .counts import Counts
+from .errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreNotFoundError
+from .format import DTYPE_NAMES, DTYPES, read_manifest
+from .plan import DTYPE_BYTES, TablePlan, make_plan
+from .store import TieredStore
+from .writer import StoreWriter
+
+_CHUNK_BYTES = 64 << 20
+
+
+def tier_plan_manifest(plan: dict[str, TablePlan], hbm_bytes: int, dram_bytes: int) -> dict:
+    """The plan as the store's ``tier_plan``: per-table fractions of the budgets (what ``open`` reads)
+    and the planned rows and expected hit rates (what ``inspect`` shows)."""
+
+    def fraction(used: int, budget: int) -> float:
+        # Rounded up by one ulp so open()'s int(budget * fraction) never loses a row to rounding.
+        return float(np.nextafter(used / budget, np.inf)) if budget else 0.0
+
+    tables = {}
+    for name, p in plan.items():
+        tables[name] = {
+            "hbm_fraction": fraction(p.hbm_rows * p.row_bytes, hbm_bytes),
+            "dram_fraction": fraction(p.dram_rows * p.row_bytes, dram_bytes),
+            "hbm_rows": p.hbm_rows, "dram_rows": p.dram_rows,
+            "expected_hit": {"hbm": p.hbm_hit, "dram": p.dram_hit, "disk": p.disk_hit},
+            "zipf_exponent": p.zipf_exponent,
+        }
+    return {"hbm_bytes": int(hbm_bytes), "dram_bytes": int(dram_bytes), "tables": tables}
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise StoreExistsError(f"{out} exists: pass --overwrite (overwrite=True) to replace it")
+
+
+def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike, out, *, hbm_bytes: int, dram_bytes: int,
+                          backend: str = "mmap", dtype: str | None = None, overwrite: bool = False,
+                          shards: int = 1) -> dict:
+    """Rows of the checkpoint's Engram tables in frequency-rank order, with remap arrays and tier plan.
+
+    ``dtype`` casts the rows (default: the checkpoint's). ``shards > 1`` writes one store per
+    rank (see :mod:`engram_store.sharded`). Returns a report (tables, bytes, seconds, MB/s).
+    """
+    from engram_model.checkpoint import load_checkpoint
+
+    out = Path(out)
+    _check_out(out, overwrite)
+    ckpt = load_checkpoint(checkpoint)
+    counts = counts if isinstance(counts, Counts) else Counts.load(counts)
+    counts.check_fingerprint(ckpt.fingerprint)
+    tables = ckpt.engram_tables()
+    if set(tables) != set(counts.tables) or any(counts.tables[n].size != t.shape[0] for n, t in tables.items()):
+        raise EngramStoreError("counts file tables do not match the checkpoint's Engram tables; count again")
+    if dtype is not None:
+        tables = {n: t.to(DTYPES[dtype]) for n, t in tables.items()}
+    dtype_name = DTYPE_NAMES[next(iter(tables.values())).dtype]
+    plan = make_plan(counts, hbm_bytes, dram_bytes, dtype_name, {n: t.shape[1] for n, t in tables.items()})
+    tier_plan = tier_plan_manifest(plan, hbm_bytes, dram_bytes)
+    order = {n: torch.from_numpy(counts.order(n)) for n in tables}
+    start = time.perf_counter()
+    if shards > 1:
+        from .sharded import write_shards
+
+        write_shards(out, tables, order, shards, backend=backend, fingerprint=ckpt.fingerprint,
+                     tier_plan=tier_plan, overwrite=overwrite)
+    else:
+        from .writer import write
+
+        write(out, tables, order, backend=backend, fingerprint=ckpt.fingerprint, tier_plan=tier_plan,
+              overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    nbytes = sum(t.numel() * t.element_size() for t in tables.values())
+    return {"store": str(out), "backend": backend, "shards": shards, "tables": {n: list(t.shape) for n, t in tables.items()},
+            "dtype": dtype_name, "bytes": nbytes, "seconds": seconds, "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9),
+            "plan": {n: vars(p) for n, p in plan.items()}}
+
+
+# -- synthetic tables --------------------------------------------------------------------
+
+def synthetic_rows(seed: int, start: int, stop: int, dim: int, dtype: str = "float32",
+                   table: int = 0) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a synthetic table: a pure function of (seed, table, row, column).
+
+    Counter-based (a 64-bit mix of the element's index), so any row can be regenerated alone:
+    tests and ``verify`` of an 8 GiB table need no copy of it. Values in [-1, 1).
+    """
+    idx = np.arange(start * dim, stop * dim, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = idx + np.uint64((seed * 0x9E3779B1 + table * 0x85EBCA77 + 1) & 0xFFFFFFFFFFFF) * np.uint64(0x100000001B3)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xFF51AFD7ED558CCD)
+        x ^= x >> np.uint64(33)
+        x *= np.uint64(0xC4CEB9FE1A85EC53)
+        x ^= x >> np.uint64(33)
+    values = (x >> np.uint64(40)).astype(np.float32) * np.float32(2.0 / 2**24) - np.float32(1.0)
+    return torch.from_numpy(values.reshape(stop - start, dim)).to(DTYPES[dtype])
+
+
+def build_synthetic(out, *, rows: int, dim: int, dtype: str = "float32", backend: str = "mmap", tables: int = 1,
+                    seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
+    """A store of ``tables`` random tables ``rows x dim``, streamed: memory use independent of ``rows``."""
+    from tqdm import tqdm
+
+    if rows < 1 or dim < 1 or tables < 1:
+        raise InvalidValuesError(f"synthetic tables need rows >= 1, dim >= 1, tables >= 1; got {rows}, {dim}, {tables}")
+    if dtype not in DTYPES:
+        raise InvalidValuesError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    out = Path(out)
+    _check_out(out, overwrite)
+    row_bytes = dim * DTYPE_BYTES[dtype]
+    chunk = max(1, _CHUNK_BYTES // row_bytes)
+    total = rows * row_bytes * tables
+    start = time.perf_counter()
+    with StoreWriter(out, backend=backend, overwrite=overwrite,
+                     tier_plan={"synthetic": {"seed": seed, "rows": rows, "dim": dim, "dtype": dtype}}) as w, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not progress) as bar:
+        for t in range(tables):
+            name = f"layer{t}"
+            w.add_table(name, rows, dim, DTYPES[dtype])
+            for s in range(0, rows, chunk):
+                e = min(rows, s + chunk)
+                w.write_rows(name, synthetic_rows(seed, s, e, dim, dtype, t))
+                bar.update((e - s) * row_bytes)
+    seconds = time.perf_counter() - start
+    return {"store": str(out), "backend": backend, "rows": rows, "dim": dim, "dtype": dtype, "tables": tables,
+            "bytes": total, "seconds": seconds, "mb_per_s": total / 1e6 / seconds}
+
+
+# -- reading whole tables back, converting ---------------------------------------------
+
+def _rank_chunks(store: TieredStore, name: str):
+    info = store.tables[name]
+    step = max(1, _CHUNK_BYTES // info.row_bytes)
+    for s in range(0, info.rows, step):
+        e = min(info.rows, s + step)
+        yield s, e, store.read_ranks(name, s, e)
+
+
+def read_tables(path) -> dict[str, torch.Tensor]:
+    """Every table of the store at ``path``, rows in original row order (checksums verified)."""
+    out = {}
+    with TieredStore(path, device="cpu") as store:
+        for name, info in store.tables.items():
+            remap = store.remap(name)
+            by_rank = torch.empty((info.rows, info.dim), dtype=info.dtype)
+            for s, e, rows in _rank_chunks(store, name):
+                by_rank[s:e] = rows
+            out[name] = by_rank[torch.from_numpy(remap.copy())]
+    return out
+
+
+def convert_backend(src, dst, backend: str, *, overwrite: bool = False, progress: bool = True) -> dict:
+    """Copy the store at ``src`` to ``dst`` with another backend; same rank order, fingerprint and plan."""
+    from tqdm import tqdm
+
+    dst = Path(dst)
+    _check_out(dst, overwrite)
+    start = time.perf_counter()
+    with TieredStore(src, device="cpu") as store:
+        total = sum(i.nbytes for i in store.tables.values())
+        with StoreWriter(dst, backend=backend, fingerprint=store.fingerprint,
+                         tier_plan=store.manifest.get("tier_plan"), overwrite=overwrite) as w, \
+                tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+            for name, info in store.tables.items():
+                w.add_table(name, info.rows, info.dim, info.dtype, order=np.argsort(store.remap(name), kind="stable"))
+                for s, e, rows in _rank_chunks(store, name):
+                    w.write_rows(name, rows)
+                    bar.update((e - s) * info.row_bytes)
+    seconds = time.perf_counter() - start
+    return {"source": str(src), "store": str(dst), "backend": backend, "bytes": total, "seconds": seconds}
+
+
+def export_safetensors(src, out, *, overwrite: bool = False) -> dict:
+    """Store (or a folder of shards) → one safetensors file of full tables in original row order.
+
+    The file's metadata carries the fingerprint, so it can be checked against a checkpoint.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    _check_out(out, overwrite)
+    src = Path(src)
+    if (src / "manifest.json").is_file():
+        tables, fingerprint = read_tables(src), read_manifest(src).get("fingerprint")
+    else:
+        from .sharded import join_shards, read_layout
+
+        tables, fingerprint = join_shards(src), read_layout(src).get("fingerprint")
+    partial = out.with_name(out.name + ".partial")
+    try:
+        save_file({n: t.contiguous() for n, t in tables.items()}, str(partial),
+                  metadata={"format": "engram-store-export/1", "fingerprint": json.dumps(fingerprint)})
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return {"source": str(src), "output": str(out), "tables": {n: list(t.shape) for n, t in tables.items()}}
+
+
+def import_safetensors(file, out, *, backend: str = "mmap", counts: Counts | None = None,
+                       overwrite: bool = False) -> dict:
+    """safetensors tables → store (ranked by ``counts`` when given, else in row order)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise StoreNotFoundError(f"{file} does not exist")
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    fingerprint = json.loads(meta["fingerprint"]) if "fingerprint" in meta else None
+    tables = load_file(str(file))
+    order = None
+    if counts is not None:
+        if fingerprint is not None:
+            counts.check_fingerprint(fingerprint, str(file))
+        order = {n: torch.from_numpy(counts.order(n)) for n in tables}
+    from .writer import write
+
+    write(out, tables, order, backend=backend, fingerprint=fingerprint, overwrite=overwrite)
+    return {"source": str(file), "store": str(out), "backend": backend}
