@@ -1,0 +1,228 @@
+"""``engram-store bench``: the cache-hit benchmark suite.
+
+``bench hits``: every policy at equal capacities over synthetic Zipf traces and (with
+``--checkpoint``) held-out real text hashed through the checkpoint; prints a markdown table
+per trace, writes a PNG, ends with one JSON line. ``bench paths``: measured rows/s of the
+raw paths (``index_select``, parallel ``pread``) and of the store's tiers, and the modelled
+time per step from those speeds and the simulated hit rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from engram_store.errors import EngramStoreError
+from engram_store.simulate import POLICIES, compulsory, simulate
+from engram_store.traces import Trace, text_trace, zipf_trace
+
+FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)
+SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise EngramStoreError(f"--{what} takes comma-separated numbers, got {text!r}") from None
+    if not vals:
+        raise EngramStoreError(f"--{what} is empty")
+    return vals
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="cache-hit benchmark suite (hit rates per policy; measured tier paths)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
+    h = modes.add_parser("hits", help="hit rate per policy and capacity: table, PNG, one JSON line",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    h.add_argument("--checkpoint", help="checkpoint directory: adds a held-out real-text trace through its hash config")
+    h.add_argument("--corpus", nargs="*", default=None, help="corpus files/folders (default: the Python stdlib)")
+    h.add_argument("--held-out", type=float, default=0.1, help="fraction of corpus files held out for the trace")
+    h.add_argument("--max-tokens", type=int, default=300_000, help="held-out tokens in the text trace (about)")
+    h.add_argument("--order", default="streams", choices=["streams", "shuffled", "in-order"],
+                   help="how held-out sequences form batches (streams: B documents side by side)")
+    h.add_argument("--zipf", default="0.8,1.0,1.2", help="Zipf exponents of synthetic traces ('' for none)")
+    h.add_argument("--zipf-rows", type=int, default=200_000, help="rows of each synthetic table")
+    h.add_argument("--steps", type=int, default=100, help="forward steps of each synthetic trace")
+    h.add_argument("--batch", type=int, default=8, help="sequences per step")
+    h.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    h.add_argument("--capacities", default=",".join(map(str, FRACTIONS)), help="capacities, fractions of table rows")
+    h.add_argument("--policies", default=",".join(POLICIES), help="policies to simulate")
+    h.add_argument("--hbm-shares", default=",".join(map(str, SHARES)),
+                   help="ours: HBM part of the capacity to sweep; the best is reported")
+    h.add_argument("--window", type=int, default=2, help="ours: outstanding prefetch handles")
+    h.add_argument("--out", default="bench_out", help="output folder (hit_rates.png, results.json)")
+    h.set_defaults(func=run_hits)
+    q = modes.add_parser("paths", help="measured rows/s per tier against raw index_select and parallel pread",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("--rows", type=int, default=1_000_000, help="rows of the scratch table")
+    q.add_argument("--dim", type=int, default=64, help="row dim (float16)")
+    q.add_argument("--lookups", type=int, default=50_000, help="ids per measured lookup")
+    q.add_argument("--threads", type=int, default=8, help="pread threads")
+    q.add_argument("--hit-rates", default=None, help="results.json of `bench hits` to model time per step")
+    q.add_argument("--out", default="bench_out", help="output folder")
+    q.set_defaults(func=run_paths)
+
+
+# -- hits ------------------------------------------------------------------------------------
+
+def build_traces(args) -> list[Trace]:
+    traces = []
+    for s in (_floats(args.zipf, "zipf") if args.zipf.strip() else []):
+        traces.append(zipf_trace(s, rows=args.zipf_rows, steps=args.steps, batch=args.batch, seq_len=args.seq_len))
+    if args.checkpoint:
+        traces.append(text_trace(args.checkpoint, args.corpus, held_out_fraction=args.held_out, batch=args.batch,
+                                 seq_len=args.seq_len, max_tokens=args.max_tokens, order=args.order))
+    if not traces:
+        raise EngramStoreError("no trace to run: give --zipf exponents and/or --checkpoint")
+    return traces
+
+
+def bench_trace(trace: Trace, fractions, policies, shares, window) -> dict:
+    """{policy: [rate per fraction]}, the split chosen for ours, and ours/Belady."""
+    rates: dict[str, list[float]] = {p: [] for p in policies}
+    chosen, tiers = [], []
+    for f in fractions:
+        for p in policies:
+            if p == "ours":
+                best = max((simulate(trace, "ours", f, hbm_share=s, window=window) for s in shares),
+                           key=lambda r: r.hit_rate)
+                rates[p].append(best.hit_rate)
+                chosen.append(best.tiers["hbm_rows"] / max(1, sum(best.capacity.values())))
+                tiers.append({"hbm": best.tiers["hbm"] / best.accesses, "dram": best.tiers["dram"] / best.accesses})
+            else:
+                rates[p].append(simulate(trace, p, f).hit_rate)
+    out = {"fractions": list(fractions), "policies": rates, "compulsory": compulsory(trace).hit_rate,
+           "accesses": trace.accesses, "issued": trace.issued, "requests": len(trace.requests),
+           "rows": trace.rows, "meta": trace.meta}
+    if "ours" in policies:
+        out["ours_hbm_share"] = chosen
+        out["ours_tiers"] = tiers
+    if "ours" in policies and "belady" in policies:
+        out["ours_over_belady"] = [o / b if b else None for o, b in zip(rates["ours"], rates["belady"])]
+    return out
+
+
+def markdown(name: str, res: dict) -> str:
+    fr = res["fractions"]
+    head = "| policy | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |"
+    lines = [f"**{name}** ({res['accesses']:,} accesses in {res['requests']} requests; "
+             f"compulsory bound {res['compulsory']:.1%})", "", head, "|---|" + "---:|" * len(fr)]
+    for p, ys in res["policies"].items():
+        lines.append(f"| {p} | " + " | ".join(f"{y:.1%}" for y in ys) + " |")
+    if "ours_over_belady" in res:
+        lines.append("| ours / Belady | " + " | ".join(f"{x:.1%}" if x is not None else "-"
+                                                      for x in res["ours_over_belady"]) + " |")
+        lines.append("| ours HBM share | " + " | ".join(f"{s:.2f}" for s in res["ours_hbm_share"]) + " |")
+    return "\n".join(lines)
+
+
+def run_hits(args) -> int:
+    from engram_store.hitplot import plot_hit_rates
+
+    fractions = _floats(args.capacities, "capacities")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise EngramStoreError(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    shares = _floats(args.hbm_shares, "hbm-shares")
+    t0 = time.perf_counter()
+    results = {}
+    for trace in build_traces(args):
+        results[trace.name] = res = bench_trace(trace, fractions, policies, shares, args.window)
+        print(markdown(trace.name, res) + "\n", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_hit_rates(results, out / "hit_rates.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    print(f"plot: {png}")
+    summary = {name: {"ours_over_belady": dict(zip(map(str, r["fractions"]), r.get("ours_over_belady", []))),
+                      "hit_rate": {p: dict(zip(map(str, r["fractions"]), map(lambda y: round(y, 4), ys)))
+                                   for p, ys in r["policies"].items()}}
+               for name, r in results.items()}
+    print(json.dumps({"bench": "hits", "window": args.window, "seconds": round(time.perf_counter() - t0, 1),
+                      "png": str(png), "traces": summary}))
+    return 0
+
+
+# -- paths -----------------------------------------------------------------------------------
+
+def _rate(fn, n_rows: int, repeat: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return n_rows / float(np.median(times))
+
+
+def parallel_pread(fd: int, ids: np.ndarray, row_bytes: int, pool: ThreadPoolExecutor, threads: int) -> bytes:
+    """Rows ``ids`` of a flat file, read with ``os.pread`` from ``threads`` threads (in id order)."""
+    parts = np.array_split(ids, threads)
+    chunks = pool.map(lambda part: b"".join(os.pread(fd, row_bytes, int(i) * row_bytes) for i in part), parts)
+    return b"".join(chunks)
+
+
+def run_paths(args) -> int:
+    import torch
+
+    import engram_store
+
+    rows, dim, n = args.rows, args.dim, args.lookups
+    if n > rows:
+        raise EngramStoreError(f"--lookups {n} is larger than --rows {rows}")
+    table = torch.randn(rows, dim, dtype=torch.float16, generator=torch.Generator().manual_seed(0))
+    row_bytes = dim * 2
+    ids = torch.from_numpy(np.sort(np.random.default_rng(0).choice(rows, n, replace=False)))
+    want = table.index_select(0, ids)
+    speeds = {}
+    with tempfile.TemporaryDirectory(dir=args.out if Path(args.out).is_dir() else None) as tmp:
+        flat = Path(tmp) / "rows.bin"
+        flat.write_bytes(table.numpy().tobytes())
+        speeds["index_select"] = _rate(lambda: table.index_select(0, ids), n)
+        fd = os.open(flat, os.O_RDONLY)
+        with ThreadPoolExecutor(args.threads) as pool:
+            got = parallel_pread(fd, ids.numpy(), row_bytes, pool, args.threads)
+            assert np.frombuffer(got, np.float16).reshape(n, dim).tobytes() == want.numpy().tobytes()
+            speeds["pread"] = _rate(lambda: parallel_pread(fd, ids.numpy(), row_bytes, pool, args.threads), n)
+        os.close(fd)
+        engram_store.write(Path(tmp) / "store", {"t": table})
+        with engram_store.open(Path(tmp) / "store", device="cpu", hbm_bytes=rows * row_bytes) as s:
+            assert torch.equal(s.lookup("t", ids), want)
+            speeds["store_hbm"] = _rate(lambda: s.lookup("t", ids), n)
+        with engram_store.open(Path(tmp) / "store", device="cpu", dram_bytes=rows * row_bytes) as s:
+            assert torch.equal(s.lookup("t", ids), want)
+            speeds["store_dram"] = _rate(lambda: s.lookup("t", ids), n)
+        with engram_store.open(Path(tmp) / "store", device="cpu") as s:  # no cache: every row from disk
+            assert torch.equal(s.lookup("t", ids), want)
+            speeds["store_disk"] = _rate(lambda: s.lookup("t", ids), n)
+    print("| path | rows/s | GB/s |\n|---|---:|---:|")
+    for k, v in speeds.items():
+        print(f"| {k} | {v:,.0f} | {v * row_bytes / 1e9:.3f} |")
+    model = {}
+    if args.hit_rates:
+        res = json.loads(Path(args.hit_rates).read_text())
+        print("\nmodelled prefetch time per step (ours, best split) from the speeds above (page cache warm):")
+        print("| trace | capacity | HBM | DRAM | disk | ms/step |\n|---|---:|---:|---:|---:|---:|")
+        for name, r in res.items():
+            per_step = r["accesses"] / r["requests"]
+            for f, t in zip(r["fractions"], r.get("ours_tiers", [])):
+                disk = 1 - t["hbm"] - t["dram"]
+                ms = 1e3 * per_step * (t["hbm"] / speeds["store_hbm"] + t["dram"] / speeds["store_dram"]
+                                       + disk / speeds["store_disk"])
+                model.setdefault(name, {})[str(f)] = round(ms, 3)
+                print(f"| {name} | {100 * f:g}% | {t['hbm']:.1%} | {t['dram']:.1%} | {disk:.1%} | {ms:.2f} |")
+    print(json.dumps({"bench": "paths", "rows": rows, "dim": dim, "dtype": "float16", "lookups": n,
+                      "rows_per_s": {k: round(v) for k, v in speeds.items()},
+                      "gb_per_s": {k: round(v * row_bytes / 1e9, 4) for k, v in speeds.items()},
+                      "ms_per_step": model}))
+    return 0
