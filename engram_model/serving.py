@@ -1,0 +1,172 @@
+"""Serving an Engram model from a tiered store instead of from its in-memory tables.
+
+    model, store = load_served("ckpt", "store", device="cpu", dram_bytes=..., hbm_bytes=...)
+    logits = model(input_ids)       # hashes once, prefetches every Engram layer, waits at each
+    store.close()
+
+``load_served`` loads the checkpoint, opens the store with the checkpoint's hash-config
+fingerprint (a store built for another hash config, tokenizer or seed is refused with
+:class:`FingerprintMismatchError`), and swaps every Engram layer's trainable table for a
+:class:`ServedTable`: a read-only view of the store's table. The rows keep the store's dtype
+until the Engram module casts them to the hidden state's dtype (``emb.to(hidden.dtype)``), so
+a float16 / bfloat16 store gives exactly the model whose table was cast the same way.
+
+Every served table shares one :class:`FetchTimer`, which records per prefetch the time spent
+issuing it (on the caller's thread), the time until its rows were ready (host side: disk
+reads, gathers and the launch of the device copy) and the time ``wait()`` blocked. From
+these the benchmark reports how much of the fetch time was hidden behind compute.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import engram_store
+from engram_model.checkpoint import load_checkpoint
+from engram_store.errors import EngramStoreError, FingerprintMismatchError, UnknownTableError
+
+
+class ReadOnlyTableError(EngramStoreError, PermissionError):
+    """An update through a table that is served read-only."""
+
+
+@dataclass
+class FetchTimer:
+    """Per-prefetch timings (seconds) of every table that shares it. Thread-safe."""
+
+    issue_s: float = 0.0  # inside prefetch() on the caller's thread (critical path)
+    fetch_s: float = 0.0  # prefetch() start -> rows ready on the host side (sum over prefetches)
+    wait_s: float = 0.0  # blocked inside wait() (critical path)
+    hidden_s: float = 0.0  # per prefetch: max(0, fetch - issue - wait), the part overlapped with compute
+    prefetches: int = 0
+    waits: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.issue_s = self.fetch_s = self.wait_s = self.hidden_s = 0.0
+            self.prefetches = self.waits = 0
+
+    def add(self, **kw) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def summary(self) -> dict:
+        """Totals and the hidden fraction: the share of fetch time that was not on the critical path
+        (not inside prefetch() and not blocked in wait()), i.e. overlapped with compute."""
+        with self.lock:
+            return {"prefetches": self.prefetches, "waits": self.waits, "issue_s": self.issue_s,
+                    "fetch_s": self.fetch_s, "wait_s": self.wait_s, "hidden_s": self.hidden_s,
+                    "hidden_fraction": self.hidden_s / self.fetch_s if self.fetch_s > 0 else 0.0}
+
+
+class TimedPending:
+    """The store's handle plus timings; ``wait()`` returns the same tensor as the handle."""
+
+    __slots__ = ("_handle", "_timer", "_t0", "_issue", "_ready", "_waited")
+
+    def __init__(self, handle, timer: FetchTimer, t0: float, issue: float) -> None:
+        self._handle, self._timer, self._t0, self._issue = handle, timer, t0, issue
+        self._ready = None
+        self._waited = False
+        fut = getattr(handle, "_future", None)  # engram_store.Handle keeps its concurrent Future here
+        if fut is not None:
+            fut.add_done_callback(self._on_ready)
+
+    def _on_ready(self, _fut) -> None:
+        self._ready = time.perf_counter()
+
+    def done(self) -> bool:
+        return self._handle.done()
+
+    def wait(self) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self._handle.wait()
+        t1 = time.perf_counter()
+        if not self._waited:
+            self._waited = True
+            fetch = (self._ready if self._ready is not None else t1) - self._t0
+            self._timer.add(wait_s=t1 - t0, fetch_s=fetch, hidden_s=max(0.0, fetch - self._issue - (t1 - t0)),
+                            waits=1)
+        return out
+
+
+class ServedTable:
+    """One Engram layer's table served by a store: engram_model's ``MemoryTable``, read-only."""
+
+    def __init__(self, store, name: str, timer: FetchTimer | None = None) -> None:
+        self._view = store.table(name)
+        self.store, self.name = store, name
+        self.rows, self.dim, self.dtype = self._view.rows, self._view.dim, self._view.dtype
+        self.timer = timer if timer is not None else FetchTimer()
+
+    def prefetch(self, row_ids: torch.Tensor) -> TimedPending:
+        t0 = time.perf_counter()
+        handle = self._view.prefetch(row_ids)
+        issue = time.perf_counter() - t0
+        self.timer.add(issue_s=issue, prefetches=1)
+        return TimedPending(handle, self.timer, t0, issue)
+
+    def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:
+        return self.prefetch(row_ids).wait()
+
+    def update(self, row_ids, values) -> None:
+        raise ReadOnlyTableError(
+            f"table {self.name!r} is served read-only from {str(self.store.path)!r}: train with the in-memory "
+            "tables (load_checkpoint) and rebuild the store, or call store.update() on a store you own"
+        )
+
+    def __repr__(self) -> str:
+        return f"ServedTable({self.name!r}, rows={self.rows}, dim={self.dim}, dtype={self.dtype}, read-only)"
+
+
+def serve_from_store(model, store, timer: FetchTimer | None = None) -> FetchTimer:
+    """Swap every Engram layer of ``model`` for the store's table (checked against the fingerprint)."""
+    if model.hash_config is None:
+        raise EngramStoreError("this model has no Engram layers: there is nothing to serve from a store")
+    if store.fingerprint != model.fingerprint:
+        raise FingerprintMismatchError(
+            f"store {str(store.path)!r} was built for hash-config fingerprint {store.fingerprint!r}, but the model's "
+            f"is {model.fingerprint!r}: rebuild the store from this checkpoint (engram-store build)"
+        )
+    timer = timer if timer is not None else FetchTimer()
+    tables = {}
+    for L in model.config.engram_layers:
+        name = f"layer{L}"
+        if name not in store.tables:
+            raise UnknownTableError(f"store {str(store.path)!r} has no table {name!r} (it holds {sorted(store.tables)})")
+        tables[L] = ServedTable(store, name, timer)
+    model.set_memory(tables)
+    model.serving_timer = timer
+    return timer
+
+
+def load_served(checkpoint_dir, store_dir, *, device="cpu", hbm_bytes: int = 0, dram_bytes: int = 0,
+                backend: str | None = None, **open_kw):
+    """``(model, store)``: the checkpoint's model (eval mode, on ``device``) with its Engram tables
+    served read-only by the store at ``store_dir``, opened on ``device`` with these tier budgets.
+
+    Raises FingerprintMismatchError when the store was built for another hash config.
+    The caller closes the store (``store.close()`` or ``with store: ...``).
+    """
+    ckpt = load_checkpoint(checkpoint_dir, map_location=device)
+    if ckpt.fingerprint is None:
+        raise EngramStoreError(f"checkpoint {str(checkpoint_dir)!r} has no Engram layers: nothing to serve")
+    try:
+        store = engram_store.open(store_dir, device=device, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes,
+                                  backend=backend, fingerprint=ckpt.fingerprint, **open_kw)
+    except FingerprintMismatchError as exc:
+        raise FingerprintMismatchError(
+            f"checkpoint {str(checkpoint_dir)!r} cannot be served from this store: {exc}"
+        ) from None
+    try:
+        serve_from_store(ckpt.model, store)
+    except BaseException:
+        store.close()
+        raise
+    return ckpt.model, store
