@@ -65,12 +65,16 @@ def check_row_ids(row_ids: torch.Tensor, rows: int) -> None:
 
 
 class ParamMemoryTable(nn.Module):
-    """A trainable table: ``weight`` is an nn.Parameter [rows, dim]; lookups are differentiable."""
+    """A trainable table: ``weight`` is an nn.Parameter [rows, dim]; lookups are differentiable.
 
-    def __init__(self, rows: int, dim: int, init_std: float = 1.0):
+    ``sparse=True`` gives sparse gradients (only the looked-up rows), for ``torch.optim.SparseAdam``.
+    """
+
+    def __init__(self, rows: int, dim: int, init_std: float = 1.0, sparse: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(rows, dim))
         self.init_std = init_std
+        self.sparse = sparse
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -86,9 +90,9 @@ class ParamMemoryTable(nn.Module):
 
     def prefetch(self, row_ids: torch.Tensor) -> ReadyPending:
         check_row_ids(row_ids, self.rows)
-        weight = self.weight
+        weight, sparse = self.weight, self.sparse
         ids = row_ids.to(weight.device)
-        return ReadyPending(lambda: F.embedding(ids, weight))
+        return ReadyPending(lambda: F.embedding(ids, weight, sparse=sparse))
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, dim={self.dim}"
