@@ -57,6 +57,8 @@ class _Table:
             )
         self.crc = crc.astype(np.uint32)
         self.fd = os.open(self.path, os.O_RDWR)
+        if hasattr(os, "posix_fadvise"):  # random access: no readahead past the block we need
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
     def block_len(self, b: int) -> int:
         return min(self.br, self.info.rows - b * self.br) * self.rb

@@ -43,10 +43,12 @@ LMDB_DIR = "rows.lmdb"
 BACKENDS = ("mmap", "lmdb")
 
 # One checksum block is one 4 KiB page of rows for mmap (a cold read costs a page fault
-# anyway, so verifying the whole block is free); LMDB blocks are larger so zstd has
-# something to work with.
+# anyway, so verifying the whole block is free). LMDB blocks are 4 KiB of raw rows too:
+# measured (bench/bench_tiers.py --drop-caches), 16 KiB blocks span four overflow pages,
+# each a separate cold page fault, and the cold path fell to 0.25x of mmap's (4 KiB: 0.54x);
+# float rows compress only ~1.07-1.3x, which LMDB's page rounding mostly eats either way.
 MMAP_BLOCK_BYTES = 4096
-LMDB_BLOCK_BYTES = 16384
+LMDB_BLOCK_BYTES = 4096
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

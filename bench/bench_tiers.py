@@ -1,0 +1,228 @@
+"""Lookup throughput per tier against the raw hardware paths, side by side, in one run.
+
+    python bench/bench_tiers.py [--rows 1000000] [--dim 64] [--dtype float16] [--drop-caches]
+                                [--checkpoint DIR]
+
+Measures rows/s of ``prefetch(...).wait()`` for all-HBM hits, all-DRAM hits and cold disk reads
+(mmap and lmdb backends), against raw ``index_select`` from a RAM tensor and raw parallel
+``os.pread`` (8 threads, one pread per row) of the same rows. Every measurement is repeated
+and interleaved with its baseline (the machine is shared and noisy) and the median is kept;
+results are checked bit-for-bit against the RAM tensor after timing.
+
+``--drop-caches`` evicts the store files from the page cache before every cold measurement
+(``posix_fadvise(DONTNEED)`` on each file, plus ``/proc/sys/vm/drop_caches`` when run as root);
+without it the "cold" rows come from the page cache (the disk *path*, not the disk).
+Also reports the LMDB compression ratio (raw bytes / stored bytes) with and without
+byte-shuffle, on the synthetic table and, with ``--checkpoint``, on a checkpoint's tables
+(``tables.*.weight`` in its model.safetensors).
+
+Prints a markdown table, then ONE JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engram_store  # noqa: E402
+from engram_store.disk_lmdb import encode_block  # noqa: E402
+from engram_store.format import DTYPES, LMDB_BLOCK_BYTES  # noqa: E402
+
+
+def drop_caches(paths: list[Path]) -> None:
+    for p in paths:
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    if os.geteuid() == 0:
+        try:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        except OSError:
+            pass
+
+
+def raw_pread(fd: int, ranks: np.ndarray, rb: int, pool: ThreadPoolExecutor, threads: int) -> list[bytes]:
+    chunks = np.array_split(ranks, threads)
+
+    def work(chunk):
+        return [os.pread(fd, rb, int(r) * rb) for r in chunk]
+
+    out = []
+    for part in pool.map(work, chunks):
+        out.extend(part)
+    return out
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def compression_ratio(table: torch.Tensor, shuffle: bool, block_bytes: int, max_blocks: int = 2000) -> float:
+    rb = table.shape[1] * table.element_size()
+    br = max(1, block_bytes // rb)
+    raw = table.contiguous().view(torch.uint8).numpy().reshape(-1)
+    n_blocks = -(-table.shape[0] // br)
+    pick = np.linspace(0, n_blocks - 1, min(n_blocks, max_blocks)).astype(int)
+    cctx = zstandard.ZstdCompressor(level=3)
+    stored = total = 0
+    for b in np.unique(pick):
+        block = raw[b * br * rb: (b + 1) * br * rb].tobytes()
+        stored += len(encode_block(block, table.element_size(), shuffle, cctx))
+        total += len(block)
+    return total / stored
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="table rows (default 1000000)")
+    ap.add_argument("--dim", type=int, default=64, help="row width (default 64)")
+    ap.add_argument("--dtype", default="float16", choices=sorted(DTYPES), help="(default float16)")
+    ap.add_argument("--batch", type=int, default=16384, help="ids per hit batch (default 16384)")
+    ap.add_argument("--cold-rows", type=int, default=4096, help="ids per cold batch (default 4096)")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats, median kept (default 5)")
+    ap.add_argument("--io-threads", type=int, default=8, help="threads for cold reads (default 8)")
+    ap.add_argument("--drop-caches", action="store_true", help="evict the store files from the page cache")
+    ap.add_argument("--checkpoint", type=Path, help="checkpoint dir: report LMDB compression of its tables")
+    ap.add_argument("--dir", type=Path, default=None, help="scratch dir on the disk to test (default: a temp dir)")
+    ap.add_argument("--device", default="cpu", help="store device (default cpu)")
+    ap.add_argument("--lmdb-block-bytes", type=int, default=None,
+                    help=f"raw bytes per LMDB block (default: the writer's, {LMDB_BLOCK_BYTES})")
+    args = ap.parse_args(argv)
+
+    dtype = DTYPES[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    T = (torch.randn(args.rows, args.dim, generator=g) * 0.02).to(dtype)
+    rb = args.dim * T.element_size()
+    nbytes = args.rows * rb
+    work = Path(tempfile.mkdtemp(prefix="bench-tiers-", dir=args.dir))
+    results: dict[str, list[float]] = {k: [] for k in
+                                       ["index_select", "hbm", "dram", "pread", "cold_mmap", "cold_lmdb"]}
+    try:
+        order = torch.randperm(args.rows, generator=g)
+        t0 = time.perf_counter()
+        p_mmap = engram_store.write(work / "mmap", {"t": T}, {"t": order}, backend="mmap")
+        t_mmap = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        p_lmdb = engram_store.write(work / "lmdb", {"t": T}, {"t": order}, backend="lmdb",
+                                    block_bytes=args.lmdb_block_bytes)
+        t_lmdb = time.perf_counter() - t0
+        lmdb_bytes = sum(f.stat().st_size for f in (p_lmdb / "rows.lmdb").glob("*.mdb"))
+        s_hbm = engram_store.open(p_mmap, device=args.device, hbm_bytes=nbytes)
+        s_dram = engram_store.open(p_mmap, device=args.device, dram_bytes=nbytes)
+        s_cold = engram_store.open(p_mmap, device=args.device, io_threads=args.io_threads)
+        s_lmdb = engram_store.open(p_lmdb, device=args.device, io_threads=args.io_threads)
+        fd = os.open(p_mmap / "t.rows", os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        pool = ThreadPoolExecutor(args.io_threads)
+        remap = np.load(p_mmap / "t.remap.npy").astype(np.int64)
+        rng = np.random.default_rng(1)
+        hit_batches = [torch.from_numpy(rng.integers(0, args.rows, args.batch)) for _ in range(8)]
+
+        def hits(fn):
+            fn(hit_batches[0])  # warm-up
+            return len(hit_batches) * args.batch / timed(lambda: [fn(b) for b in hit_batches])
+
+        for r in range(args.repeats):
+            results["index_select"].append(hits(lambda b: T.index_select(0, b)))
+            results["hbm"].append(hits(lambda b: s_hbm.prefetch("t", b).wait()))
+            results["dram"].append(hits(lambda b: s_dram.prefetch("t", b).wait()))
+            ids = torch.from_numpy(rng.choice(args.rows, args.cold_rows, replace=False))
+            ranks = remap[ids.numpy()]
+            cold = [("pread", lambda: raw_pread(fd, ranks, rb, pool, args.io_threads)),
+                    ("cold_mmap", lambda: s_cold.prefetch("t", ids).wait()),
+                    ("cold_lmdb", lambda: s_lmdb.prefetch("t", ids).wait())]
+            for name, fn in cold[r % 3:] + cold[: r % 3]:  # rotate who goes first
+                if args.drop_caches:
+                    drop_caches([p_mmap, p_lmdb])
+                results[name].append(args.cold_rows / timed(fn))
+
+        # checks after timing
+        b = hit_batches[-1]
+        for s in (s_hbm, s_dram, s_cold, s_lmdb):
+            got = s.prefetch("t", b).wait().cpu()
+            assert torch.equal(got.view(torch.uint8), T[b].view(torch.uint8)), "store returned a wrong row"
+        got = np.frombuffer(b"".join(raw_pread(fd, remap[b.numpy()], rb, pool, args.io_threads)), np.uint8)
+        assert np.array_equal(got, T[b].contiguous().view(torch.uint8).numpy().reshape(-1)), "pread baseline wrong"
+        stats = s_dram.stats()["t"]
+        assert stats["dram"]["misses"] == 0 and stats["disk"]["rows"] == 0, "DRAM bench was not all hits"
+        assert s_hbm.stats()["t"]["hbm"]["hits"] > 0 and s_hbm.stats()["t"]["disk"]["rows"] == 0
+
+        bb = args.lmdb_block_bytes or LMDB_BLOCK_BYTES
+        comp = {"synthetic": {"shuffle": compression_ratio(T, True, bb), "plain": compression_ratio(T, False, bb),
+                              "stored": nbytes / lmdb_bytes}}
+        if args.checkpoint:
+            from safetensors import safe_open
+            with safe_open(str(args.checkpoint / "model.safetensors"), "pt") as f:
+                for k in f.keys():
+                    if k.startswith("tables.") and k.endswith(".weight"):
+                        W = f.get_tensor(k)
+                        name = k.split(".")[1]
+                        for dt in ("float32", "float16", "bfloat16"):
+                            Wd = W.to(DTYPES[dt])
+                            comp[f"{args.checkpoint.name}:{name}:{dt}"] = {
+                                "shuffle": compression_ratio(Wd, True, bb), "plain": compression_ratio(Wd, False, bb)}
+        for s in (s_hbm, s_dram, s_cold, s_lmdb):
+            s.close()
+        os.close(fd)
+        pool.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    ratios = {"dram_vs_index_select": med["dram"] / med["index_select"],
+              "hbm_vs_index_select": med["hbm"] / med["index_select"],
+              "cold_mmap_vs_pread": med["cold_mmap"] / med["pread"],
+              "cold_lmdb_vs_mmap": med["cold_lmdb"] / med["cold_mmap"]}
+    targets = {"dram>=0.5*index_select": ratios["dram_vs_index_select"] >= 0.5,
+               "cold_mmap>=0.8*pread": ratios["cold_mmap_vs_pread"] >= 0.8,
+               "cold_lmdb>=0.5*cold_mmap": ratios["cold_lmdb_vs_mmap"] >= 0.5}
+    label = "cold (page cache dropped)" if args.drop_caches else "disk path (page cache warm)"
+    print(f"table {args.rows} x {args.dim} {args.dtype} ({nbytes / 2**20:.0f} MiB), hit batch {args.batch}, "
+          f"cold batch {args.cold_rows}, {args.io_threads} I/O threads, device {args.device}, median of {args.repeats}")
+    print()
+    print("| path | rows/s | vs baseline |")
+    print("|---|---:|---|")
+    print(f"| raw `index_select` (RAM tensor) | {med['index_select']:,.0f} | baseline |")
+    print(f"| store, all HBM-tier hits | {med['hbm']:,.0f} | {ratios['hbm_vs_index_select']:.2f}x index_select |")
+    print(f"| store, all DRAM-tier hits | {med['dram']:,.0f} | {ratios['dram_vs_index_select']:.2f}x index_select (target >= 0.5) |")
+    print(f"| raw parallel `pread`, {label} | {med['pread']:,.0f} | baseline |")
+    print(f"| store mmap, {label} | {med['cold_mmap']:,.0f} | {ratios['cold_mmap_vs_pread']:.2f}x pread (target >= 0.8) |")
+    print(f"| store lmdb, {label} | {med['cold_lmdb']:,.0f} | {ratios['cold_lmdb_vs_mmap']:.2f}x mmap (target >= 0.5) |")
+    print()
+    print("| LMDB compression (raw / stored) | with byte-shuffle | without |")
+    print("|---|---:|---:|")
+    for k, v in comp.items():
+        print(f"| {k} | {v['shuffle']:.3f} | {v['plain']:.3f} |")
+    print(f"\nwrite time: mmap {t_mmap:.2f} s, lmdb {t_lmdb:.2f} s (incl. fsync)")
+    print(json.dumps({"bench": "tiers", "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "batch": args.batch,
+                      "cold_rows": args.cold_rows, "lmdb_block_bytes": args.lmdb_block_bytes or LMDB_BLOCK_BYTES, "io_threads": args.io_threads, "drop_caches": args.drop_caches,
+                      "device": args.device, "rows_per_s": {k: round(v) for k, v in med.items()},
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets_met": targets,
+                      "compression": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in comp.items()},
+                      "write_s": {"mmap": round(t_mmap, 2), "lmdb": round(t_lmdb, 2)}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
