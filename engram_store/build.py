@@ -161,7 +161,7 @@ def read_tables(path) -> dict[str, torch.Tensor]:
             by_rank = torch.empty((info.rows, info.dim), dtype=info.dtype)
             for s, e, rows in _rank_chunks(store, name):
                 by_rank[s:e] = rows
-            out[name] = by_rank[torch.from_numpy(remap.copy())]
+            out[name] = by_rank[torch.from_numpy(remap)]
     return out
 
 

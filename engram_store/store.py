@@ -468,6 +468,24 @@ class TieredStore:
         self._table(name)
         return TableView(self, name)
 
+    # -- bulk access for tools (build / convert / verify); bypasses the tiers ----------
+    def read_ranks(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of ranks ``[start, stop)`` straight from disk, checksums verified: ``Tensor[n, dim]`` on cpu."""
+        t = self._table(name)
+        if not 0 <= start <= stop <= t.info.rows:
+            raise InvalidRowIdsError(f"rank range [{start}, {stop}) is outside table {name!r} of {t.info.rows} rows")
+        raw = np.ascontiguousarray(self._disk.read_range(name, start, stop))
+        return torch.from_numpy(raw).view(t.info.dtype).reshape(stop - start, t.info.dim)
+
+    def remap(self, name: str) -> np.ndarray:
+        """``remap[row] = rank`` of table ``name`` (a copy)."""
+        return self._table(name).remap.copy()
+
+    def block_rows(self, name: str) -> int:
+        """Rows per checksum block of table ``name``."""
+        self._table(name)
+        return int(self.manifest["tables"][name]["block_rows"])
+
     def close(self) -> None:
         """Finish in-flight work, then release pools and files. Idempotent, thread-safe."""
         with self._lock:
