@@ -5,7 +5,8 @@ A store is a directory::
     manifest.json          UTF-8 JSON, keys sorted, 1-space indent, trailing newline:
                            format="engram-store", format_version=1, backend ("mmap" | "lmdb"),
                            fingerprint (hex str or null), tier_plan (object or null), tables:
-                           {name: {rows, dim, dtype, row_bytes, block_rows, remap, codec, shuffle}}
+                           {name: {rows, dim, dtype, row_bytes, block_rows, remap, remap_crc32, codec,
+                           shuffle}}, manifest_crc32 (crc32 of these bytes without that key)
     <table>.remap.npy      NumPy .npy (little-endian int32 if rows < 2**31 else int64):
                            remap[row_id] = rank (a permutation of 0..rows-1)
     mmap backend:
@@ -23,6 +24,7 @@ This module holds the constants and the few helpers both backends and the writer
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -120,6 +122,22 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, sort_keys=True, indent=1) + "\n").encode("utf-8")
 
 
+# The manifest checksum: crc32 of the canonical bytes of the manifest *without* this key, so
+# a flipped byte that still parses (a dim, a dtype, a fingerprint, a remap checksum) is caught.
+MANIFEST_CHECKSUM = "manifest_crc32"
+_MANIFEST_KEYS = {"format", "format_version", "backend", "fingerprint", "tier_plan", "tables", "lmdb_dir",
+                  MANIFEST_CHECKSUM}
+
+
+def manifest_digest(manifest: dict) -> int:
+    return crc32(manifest_bytes({k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}))
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` with its ``manifest_crc32`` set (what writers store)."""
+    return {**manifest, MANIFEST_CHECKSUM: manifest_digest(manifest)}
+
+
 def read_manifest(path: Path) -> dict:
     path = Path(path)
     if not path.is_dir():
@@ -145,6 +163,15 @@ def read_manifest(path: Path) -> dict:
         raise StoreCorruptError(f"{mpath}: unknown backend {manifest.get('backend')!r}")
     if not isinstance(manifest.get("tables"), dict):
         raise StoreCorruptError(f"{mpath}: no tables")
+    unknown = sorted(set(manifest) - _MANIFEST_KEYS)
+    if unknown:
+        raise StoreCorruptError(f"{mpath}: unknown manifest keys {unknown}: the manifest is corrupt; rebuild the store")
+    # Stores written before the checksum existed have none and are read unverified.
+    if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != manifest_digest(manifest):
+        raise StoreCorruptError(
+            f"{mpath}: manifest checksum mismatch (stored {manifest[MANIFEST_CHECKSUM]!r}, computed "
+            f"{manifest_digest(manifest)}): the manifest was modified or is corrupt; rebuild the store"
+        )
     return manifest
 
 
@@ -162,8 +189,13 @@ def load_remap(path: Path, name: str, entry: dict, rows: int) -> np.ndarray:
     rpath = Path(path) / entry.get("remap", f"{name}.remap.npy")
     if not rpath.is_file():
         raise StoreNotFoundError(f"store {str(path)!r} is missing {rpath.name}: rebuild the store")
+    raw = rpath.read_bytes()
+    if "remap_crc32" in entry and crc32(raw) != entry["remap_crc32"]:
+        raise StoreCorruptError(
+            f"table {name!r}: remap array {rpath.name} checksum mismatch; the store is corrupt: rebuild it"
+        )
     try:
-        remap = np.load(rpath, allow_pickle=False)
+        remap = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise StoreCorruptError(f"{rpath}: unreadable remap array ({e}); rebuild the store") from e
     if remap.ndim != 1 or remap.shape[0] != rows or remap.dtype.kind != "i":

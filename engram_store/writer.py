@@ -22,7 +22,7 @@ import zstandard
 from .errors import EngramStoreError, InvalidValuesError, StoreExistsError
 from .format import (
     BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LMDB_DIR, MANIFEST, TableInfo, block_rows_for,
-    check_table_name, crc32, dtype_from_any, fsync_dir, manifest_bytes, remap_dtype,
+    check_table_name, crc32, dtype_from_any, fsync_dir, manifest_bytes, remap_dtype, seal_manifest,
 )
 
 # Byte-shuffling before zstd: measured by bench/bench_tiers.py (see docs/readme_store.md);
@@ -198,6 +198,7 @@ class StoreWriter:
             rpath = self.tmp / f"{name}.remap.npy"
             np.save(rpath, st.remap, allow_pickle=False)
             _fsync_file(rpath)
+            entry["remap_crc32"] = crc32(rpath.read_bytes())
             tables[name] = entry
         if self._env is not None:
             self._env.sync(True)
@@ -211,7 +212,7 @@ class StoreWriter:
         if self.backend == "lmdb":
             manifest["lmdb_dir"] = LMDB_DIR
         mpath = self.tmp / MANIFEST
-        mpath.write_bytes(manifest_bytes(manifest))
+        mpath.write_bytes(manifest_bytes(seal_manifest(manifest)))
         _fsync_file(mpath)
         fsync_dir(self.tmp)
         old = None

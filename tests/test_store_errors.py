@@ -124,6 +124,13 @@ def test_bad_manifest(tmp_path):
 def test_remap_not_a_permutation(tmp_path):
     path = engram_store.write(tmp_path / "s", {"layer1": torch.zeros(10, 2)})
     np.save(path / "layer1.remap.npy", np.zeros(10, dtype=np.int32))
+    with pytest.raises(StoreCorruptError, match="remap array layer1.remap.npy checksum mismatch"):
+        engram_store.open(path, device="cpu")
+    import json  # a store without remap checksums (older writer) still gets the permutation check
+    from engram_store.format import manifest_bytes, seal_manifest
+    m = json.loads((path / "manifest.json").read_text())
+    del m["tables"]["layer1"]["remap_crc32"]
+    (path / "manifest.json").write_bytes(manifest_bytes(seal_manifest(m)))
     with pytest.raises(StoreCorruptError, match="permutation"):
         engram_store.open(path, device="cpu")
 
@@ -160,7 +167,8 @@ def test_budget_against_real_machine(tmp_path):
     import json
     m = json.loads((path / "s" / "manifest.json").read_text())
     m["tables"]["t"].update(rows=int(rows))
-    (path / "s" / "manifest.json").write_text(json.dumps(m))
+    from engram_store.format import manifest_bytes, seal_manifest  # re-seal: the checksum covers rows
+    (path / "s" / "manifest.json").write_bytes(manifest_bytes(seal_manifest(m)))
     with pytest.raises(BudgetError, match="lower dram_bytes"):
         engram_store.open(path / "s", device="cpu", dram_bytes=1 << 50)
 

@@ -14,7 +14,9 @@ import torch
 
 import engram_store
 
-MANIFEST = b"""{
+# Without its "manifest_crc32" line (the crc32 of exactly these bytes, inserted below);
+# REMAP_CRC is the crc32 of the remap file's bytes.
+MANIFEST_BODY = b"""{
  "backend": "mmap",
  "fingerprint": "f00d",
  "format": "engram-store",
@@ -27,6 +29,7 @@ MANIFEST = b"""{
    "dim": 2,
    "dtype": "float16",
    "remap": "t.remap.npy",
+   "remap_crc32": REMAP_CRC,
    "row_bytes": 4,
    "rows": 3,
    "rows_file": "t.rows"
@@ -59,8 +62,12 @@ def test_exact_bytes_of_a_tiny_store(tmp_path):
     rows = struct.pack("<6e", -0.0, 65504.0, 1.0, -2.0, 0.5, 3.0)  # rank order, little-endian fp16
     assert (path / "t.rows").read_bytes() == rows == b"\x00\x80\xff{\x00<\x00\xc0\x008\x00B"
     assert (path / "t.crc32").read_bytes() == struct.pack("<I", zlib.crc32(rows))
-    assert (path / "t.remap.npy").read_bytes() == _npy_int32([1, 2, 0])  # remap[row] = rank
-    assert (path / "manifest.json").read_bytes() == MANIFEST
+    remap = _npy_int32([1, 2, 0])  # remap[row] = rank
+    assert (path / "t.remap.npy").read_bytes() == remap
+    body = MANIFEST_BODY.replace(b"REMAP_CRC", str(zlib.crc32(remap)).encode())
+    manifest = body.replace(b' "format_version": 1,\n',
+                            b' "format_version": 1,\n "manifest_crc32": %d,\n' % zlib.crc32(body))
+    assert (path / "manifest.json").read_bytes() == manifest
 
 
 def test_bytes_do_not_depend_on_table_insertion_order(tmp_path):
