@@ -10,7 +10,7 @@
 from . import errors
 from .errors import (
     BudgetError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError,
-    StoreClosedError, StoreCorruptError, StoreExistsError, StoreNotFoundError, UnknownTableError,
+    StoreClosedError, StoreCorruptError, StoreExistsError, StoreNotFoundError, StoreWriteError, UnknownTableError,
 )
 from .format import FORMAT_VERSION, TableInfo
 from .handle import Handle
@@ -21,4 +21,5 @@ __all__ = [
     "open", "write", "StoreWriter", "TieredStore", "TableView", "Handle", "TableInfo", "FORMAT_VERSION", "errors",
     "EngramStoreError", "StoreNotFoundError", "StoreExistsError", "StoreCorruptError", "FingerprintMismatchError",
     "UnknownTableError", "InvalidRowIdsError", "InvalidValuesError", "BudgetError", "StoreClosedError",
+    "StoreWriteError",
 ]

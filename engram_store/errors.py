@@ -21,6 +21,10 @@ class StoreExistsError(EngramStoreError, FileExistsError):
     """The output path exists and ``overwrite`` was not given."""
 
 
+class StoreWriteError(EngramStoreError, OSError):
+    """Writing a store failed (disk full, file-size limit, I/O error); nothing was committed."""
+
+
 class StoreCorruptError(EngramStoreError):
     """A file of the store is truncated, or a checksum does not match."""
 

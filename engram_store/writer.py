@@ -3,8 +3,11 @@
 Atomic: everything is written into a sibling temporary directory
 ``.<name>.partial-<random>``, every file and the directory are fsynced, and only then is it
 renamed to ``path``. A crash or an exception leaves any earlier store at ``path`` whole
-(with ``overwrite`` the old store is renamed aside, the new one renamed in, then the old one
-removed). Not thread-safe: one writer is used from one thread.
+(with ``overwrite`` the new store and the old one are swapped in one ``renameat2(RENAME_EXCHANGE)``
+where the kernel and filesystem support it, so ``path`` is never missing; elsewhere the old one is
+renamed aside, the new one renamed in, then the old one removed). A failed write (disk full, file-size
+limit) removes the temporary directory and raises ``StoreWriteError``. Not thread-safe: one writer is
+used from one thread.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import torch
 import zstandard
 
-from .errors import EngramStoreError, InvalidValuesError, StoreExistsError
+from .errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreWriteError
 from .format import (
     BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LMDB_DIR, MANIFEST, TableInfo, block_rows_for,
     check_table_name, crc32, dtype_from_any, fsync_dir, manifest_bytes, remap_dtype, seal_manifest,
@@ -37,6 +41,20 @@ def _fsync_file(p: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # EINVAL / ENOSYS (filesystem or kernel without it): the caller falls back
 
 
 def _as_order(order, rows: int) -> np.ndarray | None:
@@ -150,7 +168,18 @@ class StoreWriter:
         raw = chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
         st.written += chunk.shape[0]
         st.pending += raw
-        self._flush(st, final=st.written == st.info.rows)
+        try:
+            self._flush(st, final=st.written == st.info.rows)
+        except (OSError, lmdb.Error) as e:
+            raise self._write_failed(e) from e
+
+    def _write_failed(self, e: BaseException) -> StoreWriteError:
+        """Abort (remove the partial directory) and describe a failed write (disk full, size limit)."""
+        self.abort()
+        return StoreWriteError(
+            f"writing store {str(self.path)!r} failed: {e} (disk full or a file-size limit?); nothing was "
+            "committed and any earlier store there is unchanged: free space and build again"
+        )
 
     def _flush(self, st: _TableState, final: bool) -> None:
         bb = st.block_rows * st.info.row_bytes
@@ -176,6 +205,29 @@ class StoreWriter:
     def commit(self) -> Path:
         if self._done:
             raise EngramStoreError("this StoreWriter was already committed or aborted")
+        try:
+            self._seal()
+        except (OSError, lmdb.Error) as e:
+            raise self._write_failed(e) from e
+        if self.path.exists() and _exchange(self.tmp, self.path):
+            # The new store took the old one's place in one step; the old one is now at tmp.
+            fsync_dir(self.path.parent)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._done = True
+            return self.path
+        old = None
+        if self.path.exists():
+            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(self.path, old)
+        os.rename(self.tmp, self.path)
+        fsync_dir(self.path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._done = True
+        return self.path
+
+    def _seal(self) -> None:
+        """Finish every file in the temporary directory, write the manifest, fsync it all."""
         tables = {}
         for name, st in self._tables.items():
             if st.written != st.info.rows:
@@ -215,16 +267,6 @@ class StoreWriter:
         mpath.write_bytes(manifest_bytes(seal_manifest(manifest)))
         _fsync_file(mpath)
         fsync_dir(self.tmp)
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        fsync_dir(self.path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._done = True
-        return self.path
 
     def abort(self) -> None:
         for f in self._files.values():
