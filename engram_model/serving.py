@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -66,27 +68,36 @@ class FetchTimer:
 
 
 class TimedPending:
-    """The store's handle plus timings; ``wait()`` returns the same tensor as the handle."""
+    """A store handle (or the future of one being issued) plus timings; ``wait()`` gives the rows."""
 
-    __slots__ = ("_handle", "_timer", "_t0", "_issue", "_ready", "_waited")
+    __slots__ = ("_handle", "_issuing", "_timer", "_t0", "_issue", "_ready", "_waited")
 
-    def __init__(self, handle, timer: FetchTimer, t0: float, issue: float) -> None:
-        self._handle, self._timer, self._t0, self._issue = handle, timer, t0, issue
-        self._ready = None
+    def __init__(self, timer: FetchTimer, t0: float) -> None:
+        self._timer, self._t0 = timer, t0
+        self._handle = self._issuing = self._ready = None
+        self._issue = 0.0
         self._waited = False
+
+    def _attach(self, handle):
+        """Called with the store's handle right after ``store.prefetch`` returned."""
+        self._handle = handle
         fut = getattr(handle, "_future", None)  # engram_store.Handle keeps its concurrent Future here
         if fut is not None:
             fut.add_done_callback(self._on_ready)
+        return handle
 
     def _on_ready(self, _fut) -> None:
         self._ready = time.perf_counter()
 
     def done(self) -> bool:
+        if self._handle is None:
+            return False
         return self._handle.done()
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self._handle.wait()
+        handle = self._handle if self._issuing is None else self._issuing.result()
+        out = handle.wait()
         t1 = time.perf_counter()
         if not self._waited:
             self._waited = True
@@ -97,20 +108,34 @@ class TimedPending:
 
 
 class ServedTable:
-    """One Engram layer's table served by a store: engram_model's ``MemoryTable``, read-only."""
+    """One Engram layer's table served by a store: engram_model's ``MemoryTable``, read-only.
 
-    def __init__(self, store, name: str, timer: FetchTimer | None = None) -> None:
+    With an ``issuer`` (a one-thread executor shared by the tables of one store), ``prefetch``
+    hands the store's planning (dedupe, tier split, cache policy, and an all-resident gather)
+    to that thread and returns after copying the ids to the host; prefetches still reach the
+    store in issue order. Errors of the prefetch then surface at ``wait()``.
+    """
+
+    def __init__(self, store, name: str, timer: FetchTimer | None = None, issuer=None) -> None:
         self._view = store.table(name)
         self.store, self.name = store, name
         self.rows, self.dim, self.dtype = self._view.rows, self._view.dim, self._view.dtype
         self.timer = timer if timer is not None else FetchTimer()
+        self.issuer = issuer
 
     def prefetch(self, row_ids: torch.Tensor) -> TimedPending:
         t0 = time.perf_counter()
-        handle = self._view.prefetch(row_ids)
-        issue = time.perf_counter() - t0
-        self.timer.add(issue_s=issue, prefetches=1)
-        return TimedPending(handle, self.timer, t0, issue)
+        pending = TimedPending(self.timer, t0)
+        if self.issuer is None:
+            pending._attach(self._view.prefetch(row_ids))
+        else:
+            # The device-to-host copy of the ids stays on the caller's thread: there it waits only for
+            # the hashing kernels; from another thread it would queue behind the blocks' kernels.
+            ids = row_ids.detach().cpu() if isinstance(row_ids, torch.Tensor) else row_ids
+            pending._issuing = self.issuer.submit(lambda: pending._attach(self._view.prefetch(ids)))
+        pending._issue = time.perf_counter() - t0
+        self.timer.add(issue_s=pending._issue, prefetches=1)
+        return pending
 
     def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:
         return self.prefetch(row_ids).wait()
@@ -125,8 +150,11 @@ class ServedTable:
         return f"ServedTable({self.name!r}, rows={self.rows}, dim={self.dim}, dtype={self.dtype}, read-only)"
 
 
-def serve_from_store(model, store, timer: FetchTimer | None = None) -> FetchTimer:
-    """Swap every Engram layer of ``model`` for the store's table (checked against the fingerprint)."""
+def serve_from_store(model, store, timer: FetchTimer | None = None, async_issue: bool = False) -> FetchTimer:
+    """Swap every Engram layer of ``model`` for the store's table (checked against the fingerprint).
+
+    ``async_issue``: issue prefetches from a background thread (see :class:`ServedTable`).
+    """
     if model.hash_config is None:
         raise EngramStoreError("this model has no Engram layers: there is nothing to serve from a store")
     if store.fingerprint != model.fingerprint:
@@ -135,22 +163,27 @@ def serve_from_store(model, store, timer: FetchTimer | None = None) -> FetchTime
             f"is {model.fingerprint!r}: rebuild the store from this checkpoint (engram-store build)"
         )
     timer = timer if timer is not None else FetchTimer()
+    issuer = None
+    if async_issue:
+        issuer = ThreadPoolExecutor(1, thread_name_prefix="engram-issue")
+        weakref.finalize(store, issuer.shutdown, wait=False)
     tables = {}
     for L in model.config.engram_layers:
         name = f"layer{L}"
         if name not in store.tables:
             raise UnknownTableError(f"store {str(store.path)!r} has no table {name!r} (it holds {sorted(store.tables)})")
-        tables[L] = ServedTable(store, name, timer)
+        tables[L] = ServedTable(store, name, timer, issuer)
     model.set_memory(tables)
     model.serving_timer = timer
     return timer
 
 
 def load_served(checkpoint_dir, store_dir, *, device="cpu", hbm_bytes: int = 0, dram_bytes: int = 0,
-                backend: str | None = None, **open_kw):
+                backend: str | None = None, async_issue: bool = False, **open_kw):
     """``(model, store)``: the checkpoint's model (eval mode, on ``device``) with its Engram tables
     served read-only by the store at ``store_dir``, opened on ``device`` with these tier budgets.
 
+    ``async_issue``: issue prefetches from a background thread (see :class:`ServedTable`).
     Raises FingerprintMismatchError when the store was built for another hash config.
     The caller closes the store (``store.close()`` or ``with store: ...``).
     """
@@ -165,7 +198,7 @@ def load_served(checkpoint_dir, store_dir, *, device="cpu", hbm_bytes: int = 0, 
             f"checkpoint {str(checkpoint_dir)!r} cannot be served from this store: {exc}"
         ) from None
     try:
-        serve_from_store(ckpt.model, store)
+        serve_from_store(ckpt.model, store, async_issue=async_issue)
     except BaseException:
         store.close()
         raise

@@ -125,6 +125,25 @@ def test_half_stores_equal_cast_model(world, backend, dtype):
                 assert not torch.equal(got, ref32(x))  # the cast is real: the float32 model differs
 
 
+def test_async_issue_bit_exact(world):
+    """Prefetches issued from the background thread: same logits, in issue order, errors at wait()."""
+    root, _, ckpt, stores = world
+    total = table_bytes(ckpt)
+    ref = reference(root / "ckpt")
+    model, store = load_served(root / "ckpt", stores["mmap", "float32"], hbm_bytes=total // 10,
+                               dram_bytes=total // 8, async_issue=True)
+    with store, torch.no_grad():
+        assert model.memory()[0].issuer is not None
+        for x in batches(model.config.vocab_size, n=3) * 2:
+            assert torch.equal(model(x), ref(x))
+        assert store.stats()["layer0"]["dram"]["evictions"] > 0
+        timer = model.serving_timer.summary()
+        assert timer["prefetches"] == timer["waits"] == 12 and timer["fetch_s"] > 0
+        pending = model.memory()[0].prefetch(torch.tensor([model.memory()[0].rows]))
+        with pytest.raises(engram_store.InvalidRowIdsError):
+            pending.wait()
+
+
 def test_fingerprint_mismatch_refused(world, tmp_path):
     root, tok, ckpt, stores = world
     other = tiny_model(tok, seed=7)  # another hash seed: another fingerprint, same table shapes
