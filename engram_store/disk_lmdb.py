@@ -24,7 +24,7 @@ import numpy as np
 import zstandard
 
 from .errors import StoreCorruptError, StoreNotFoundError
-from .format import LMDB_DIR, TableInfo, crc32, shuffle_bytes, unshuffle_bytes
+from .format import LMDB_DIR, TableInfo, crc32, read_rows, shuffle_bytes, unshuffle_bytes
 
 
 def block_key(table: str, block: int) -> bytes:
@@ -130,12 +130,7 @@ class LmdbDisk:
         ranks = np.asarray(ranks, dtype=np.int64)
         if ranks.size == 0:
             return np.empty((0, t.rb), np.uint8), 0
-        blocks = ranks // t.br
-        ublocks, binv = np.unique(blocks, return_inverse=True)
-        buf = np.empty((ublocks.size, t.br * t.rb), np.uint8)
-        moved = self._parallel(t, ublocks, buf)
-        rows = buf.reshape(ublocks.size, t.br, t.rb)[binv, ranks - blocks * t.br]
-        return rows, moved
+        return read_rows(self._parallel, t, ranks)  # in chunks of READ_CHUNK_BYTES of blocks
 
     def read_range(self, table: str, start: int, stop: int) -> np.ndarray:
         t = self.tables[table]

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import StoreCorruptError, StoreNotFoundError
-from .format import TableInfo, crc32, fsync_dir
+from .format import TableInfo, crc32, fsync_dir, read_rows
 
 JOURNAL = "journal"
 _JOURNAL_MAGIC = b"ESJ1"
@@ -116,12 +116,7 @@ class MmapDisk:
         ranks = np.asarray(ranks, dtype=np.int64)
         if ranks.size == 0:
             return np.empty((0, t.rb), np.uint8), 0
-        blocks = ranks // t.br
-        ublocks, binv = np.unique(blocks, return_inverse=True)
-        buf = np.empty((ublocks.size, t.br * t.rb), np.uint8)
-        moved = self._parallel(t, ublocks, buf)
-        rows = buf.reshape(ublocks.size, t.br, t.rb)[binv, ranks - blocks * t.br]
-        return rows, moved
+        return read_rows(self._parallel, t, ranks)  # in chunks of READ_CHUNK_BYTES of blocks
 
     def read_range(self, table: str, start: int, stop: int) -> np.ndarray:
         """Rows of ranks ``[start, stop)`` as uint8 ``[stop-start, row_bytes]`` (verified)."""

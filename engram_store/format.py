@@ -210,6 +210,39 @@ def load_remap(path: Path, name: str, entry: dict, rows: int) -> np.ndarray:
     return remap.astype(np.int64, copy=False)
 
 
+# A cold read of n rows scattered over n blocks needs n whole blocks of buffer (a 4 KiB block per
+# 128-byte row is 32x the rows): past this many bytes of blocks, a read goes in chunks.
+READ_CHUNK_BYTES = 32 << 20
+
+
+def read_rows(parallel, t, ranks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows ``ranks`` of table ``t`` (``br``, ``rb``) as uint8 ``[n, rb]`` and bytes read.
+
+    ``parallel(t, blocks, buf)`` reads (and verifies) whole blocks into ``buf``; at most
+    ``READ_CHUNK_BYTES`` of blocks are held at once, so a huge batch never needs a huge buffer.
+    """
+    blocks = ranks // t.br
+    ublocks, binv = np.unique(blocks, return_inverse=True)
+    binv = binv.reshape(-1)
+    bb = t.br * t.rb
+    per = max(1, READ_CHUNK_BYTES // bb)
+    if ublocks.size <= per:
+        buf = np.empty((ublocks.size, bb), np.uint8)
+        moved = parallel(t, ublocks, buf)
+        return buf.reshape(ublocks.size, t.br, t.rb)[binv, ranks - blocks * t.br], moved
+    out = np.empty((ranks.size, t.rb), np.uint8)
+    order = np.argsort(binv, kind="stable")
+    edges = np.searchsorted(binv[order], np.arange(0, ublocks.size + per, per))
+    buf = np.empty((per, bb), np.uint8)
+    moved = 0
+    for i, c0 in enumerate(range(0, ublocks.size, per)):
+        c1 = min(ublocks.size, c0 + per)
+        moved += parallel(t, ublocks[c0:c1], buf[: c1 - c0])
+        sel = order[edges[i]: edges[i + 1]]
+        out[sel] = buf.reshape(per, t.br, t.rb)[binv[sel] - c0, ranks[sel] - blocks[sel] * t.br]
+    return out, moved
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
