@@ -14,12 +14,21 @@ journal found at open is replayed (complete) or discarded (torn, the update neve
 Thread-safety: :meth:`read` and :meth:`read_range` may run in many threads at once;
 :meth:`write` must not run concurrently with reads of the same table (the store guarantees
 it by draining in-flight reads under its lock first).
+
+Across processes: an update holds an exclusive ``flock`` on the store directory from the
+journal to its removal, and a journal is replayed at open only under that lock (so a process
+opening the store never replays or deletes the journal of an update still running). A reader
+whose block fails its checksum re-reads the block's checksum from disk and the block under a
+shared lock before calling it corrupt, so a reader in another process sees a row as before
+or after an update, never torn (with ``verify_reads=True``, the default).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,6 +39,17 @@ from .format import TableInfo, crc32, fsync_dir, read_rows
 
 JOURNAL = "journal"
 _JOURNAL_MAGIC = b"ESJ1"
+
+
+@contextmanager
+def _dir_lock(root: Path, mode: int):
+    """``flock(mode)`` on the store directory, on a descriptor of its own (so threads don't share it)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class _Table:
@@ -92,13 +112,28 @@ class MmapDisk:
                     f"table {t.name!r} block {b}: short read ({got} of {n} bytes); the row file "
                     "was truncated after open; rebuild the store"
                 )
-            if self.verify and crc32(view) != int(t.crc[b]):
+            if self.verify and crc32(view) != int(t.crc[b]) and not self._reread(t, b, view):
                 raise StoreCorruptError(
                     f"table {t.name!r} block {b}: checksum mismatch in {t.path.name}; the store is "
                     "corrupt: rebuild it (or `engram-store verify` to list bad blocks)"
                 )
             moved += n
         return moved
+
+    def _reread(self, t: _Table, b: int, view: memoryview) -> bool:
+        """After a checksum mismatch: another process may have updated the block. Re-read its
+        checksum and the block with no update running; True (and ``view`` refilled) if they match."""
+        bb = t.br * t.rb
+        with _dir_lock(self.root, fcntl.LOCK_SH):
+            with open(t.crc_path, "rb") as f:
+                raw = os.pread(f.fileno(), 4, 4 * b)
+            if len(raw) != 4:
+                return False
+            c = int.from_bytes(raw, "little")
+            if os.preadv(t.fd, [view], b * bb) != len(view) or crc32(view) != c:
+                return False
+        t.crc[b] = c
+        return True
 
     def _parallel(self, t: _Table, blocks: np.ndarray, buf: np.ndarray) -> int:
         n = blocks.size
@@ -148,10 +183,11 @@ class MmapDisk:
                            dtype=np.uint32)
         records = [(t, int(b), bytes(memoryview(buf[i])[: t.block_len(int(b))]), int(c))
                    for i, (b, c) in enumerate(zip(blocks, new_crc))]
-        self._write_journal(records)
-        self._apply(records)
-        (self.root / JOURNAL).unlink()
-        fsync_dir(self.root)
+        with _dir_lock(self.root, fcntl.LOCK_EX):  # no replay by an opener, no reread, meanwhile
+            self._write_journal(records)
+            self._apply(records)
+            (self.root / JOURNAL).unlink()
+            fsync_dir(self.root)
 
     def _write_journal(self, records) -> None:
         parts = []
@@ -185,6 +221,12 @@ class MmapDisk:
             os.replace(tmp, t.crc_path)
 
     def _replay_journal(self, manifest: dict, infos: dict[str, TableInfo]) -> None:
+        if not (self.root / JOURNAL).exists() and not (self.root / (JOURNAL + ".partial")).exists():
+            return
+        with _dir_lock(self.root, fcntl.LOCK_EX):  # waits for an update still running elsewhere
+            self._replay_journal_locked(manifest, infos)
+
+    def _replay_journal_locked(self, manifest: dict, infos: dict[str, TableInfo]) -> None:
         jpath = self.root / JOURNAL
         (self.root / (JOURNAL + ".partial")).unlink(missing_ok=True)
         if not jpath.exists():
