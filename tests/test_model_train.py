@@ -106,3 +106,10 @@ def test_stdlib_training_engram_beats_baseline(tmp_path):
     r = train(None, tmp_path, progress=False)
     print(json.dumps({k: r[k] for k in ("steps", "held_out_loss", "baseline_held_out_loss", "compression_ratio")}))
     assert r["held_out_loss"] < r["baseline_held_out_loss"]
+
+
+def test_minutes_budget_calibrates_and_records_steps(corpus):
+    r = train([corpus], None, minutes=0.05, progress=False, **TINY)
+    assert r["steps"] >= 1 and r["settings"]["steps"] == r["steps"]
+    with pytest.raises(EngramStoreError, match="not both"):
+        train([corpus], None, minutes=1, steps=1, progress=False, **TINY)
