@@ -128,19 +128,33 @@ class _Counter:
     def token_ids(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
-    def count(self, texts: list[str], hash_rows: bool = True) -> tuple[dict[str, np.ndarray], int]:
+    def count(self, texts: list[str], hash_rows: bool = True) -> tuple[dict[str, np.ndarray], int, dict]:
+        """Counts of ``texts``, their token count, and seconds spent tokenizing vs hashing+counting."""
         import torch
 
+        t0 = time.perf_counter()
+        encoded = self.token_ids(texts)
+        t1 = time.perf_counter()
         totals = {f"layer{layer}": np.zeros(self.rows[layer], dtype=np.int64) for layer in self.layers}
         n_tokens = 0
-        for ids in self.token_ids(texts):
+        for ids in encoded:
             n_tokens += ids.size
             if not hash_rows or ids.size == 0:
                 continue
             compressed = torch.from_numpy(np.asarray(self.compression.compress(ids), dtype=np.int64))[None]
             for layer, rows in self.hasher.row_ids(compressed).items():
-                totals[f"layer{layer}"] += np.bincount(rows.reshape(-1).numpy(), minlength=self.rows[layer])
-        return totals, n_tokens
+                _accumulate(totals[f"layer{layer}"], rows.reshape(-1).numpy())
+        return totals, n_tokens, {"tokenize": t1 - t0, "hash_count": time.perf_counter() - t1}
+
+
+def _accumulate(total: np.ndarray, rows: np.ndarray) -> None:
+    """``total[r] += multiplicity of r in rows``: dense bincount for big batches, sparse for small ones
+    (a file of a few thousand tokens must not cost a pass over a 20M-row table)."""
+    if rows.size * 8 >= total.size:
+        total += np.bincount(rows, minlength=total.size)
+    else:
+        u, c = np.unique(rows, return_counts=True)
+        total[u] += c
 
 
 def _worker_main(checkpoint: str, files: list[str], hash_rows: bool, out_path: str, events) -> None:
@@ -155,11 +169,14 @@ def _worker_main(checkpoint: str, files: list[str], hash_rows: bool, out_path: s
         counter = _Counter(checkpoint)
         totals = {f"layer{layer}": np.zeros(n, dtype=np.int64) for layer, n in counter.rows.items()}
         n_tokens = 0
-        work = 0.0  # seconds spent on the files themselves (no start-up), for throughput figures
+        # Seconds spent on the files themselves (no start-up), split by phase, for throughput figures.
+        work = {"total": 0.0, "tokenize": 0.0, "hash_count": 0.0}
         for path in files:
             t = time.perf_counter()
-            part, tokens = counter.count(list(iter_texts([path])), hash_rows)
-            work += time.perf_counter() - t
+            part, tokens, phases = counter.count(list(iter_texts([path])), hash_rows)
+            work["total"] += time.perf_counter() - t
+            for k, v in phases.items():
+                work[k] += v
             for k, v in part.items():
                 totals[k] += v
             n_tokens += tokens
@@ -208,7 +225,7 @@ def count_corpus(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLi
     events = ctx.Queue()
     start = time.perf_counter()
     n_tokens = 0
-    work_seconds = 0.0
+    work = {"total": 0.0, "tokenize": 0.0, "hash_count": 0.0}
     with tempfile.TemporaryDirectory(prefix="engram-count-") as tmp:
         outs = [os.path.join(tmp, f"share{i}.npz") for i in range(len(shares))]
         procs = [ctx.Process(target=_worker_main, args=(str(checkpoint), share, hash_rows, out, events), daemon=True)
@@ -232,7 +249,8 @@ def count_corpus(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLi
                     n_tokens += b
                 elif kind == "done":
                     running -= 1
-                    work_seconds = max(work_seconds, b)
+                    for k, v in b.items():  # summed over workers: CPU-seconds per phase
+                        work[k] += v
                 else:
                     raise EngramStoreError(f"counting failed: {a}")
         finally:
@@ -250,5 +268,5 @@ def count_corpus(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLi
         raise EngramStoreError(f"the corpus {[str(c) for c in corpus]} holds no tokens (empty files?)")
     counts = Counts(ckpt.fingerprint, totals, ckpt.hash_config.to_dict(), dims, n_tokens, len(files))
     report = {"tokens": n_tokens, "files": len(files), "seconds": seconds, "tokens_per_s": n_tokens / seconds,
-              "work_seconds": work_seconds, "work_tokens_per_s": n_tokens / max(work_seconds, 1e-9)}
+              "cpu_seconds": work, "hash_overhead": work["hash_count"] / max(work["tokenize"], 1e-9)}
     return counts, report
