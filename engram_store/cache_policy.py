@@ -24,6 +24,13 @@ import numpy as np
 _NEVER = np.iinfo(np.int64).max
 
 
+def _increment(counts: np.ndarray, idx: np.ndarray) -> None:
+    """``counts[idx] += 1`` for *unique* ``idx``: gather, add, scatter (2-3x faster than ``+=``)."""
+    v = counts[idx]
+    v += 1
+    counts[idx] = v
+
+
 class SlotLRU:
     """Recency/frequency cache over ``capacity`` slots for keys in ``[0, n_keys)``, with pin counts.
 
@@ -87,15 +94,18 @@ class SlotLRU:
         With ``pin``, every returned slot >= 0 is pinned until :meth:`release`.
         """
         keys = np.asarray(keys, dtype=np.int64)
+        slots = self.slot_of[keys].astype(np.int64)
+        if slots.size and slots.min() >= 0:  # every key hits: none of the miss work
+            self.hit(keys, slots, pin)
+            return slots, np.ones(slots.size, dtype=bool), np.empty(0, dtype=np.int64)
         self.clock += 1
         if self.recency is not None:
-            self.accesses[keys] += 1  # keys are unique
-        slots = self.slot_of[keys].astype(np.int64)
+            _increment(self.accesses, keys)  # keys are unique
         hit = slots >= 0
         hit_slots = slots[hit]
         self.last_use[hit_slots] = self.clock
         # Hits are pinned at least for this call, so its own misses never evict them.
-        self.pins[hit_slots] += 1  # keys are unique, so slots are too
+        _increment(self.pins, hit_slots)  # keys are unique, so slots are too
         n_hit = int(hit_slots.size)
         self.hits += n_hit
         self.misses += int(keys.size) - n_hit
@@ -126,13 +136,34 @@ class SlotLRU:
         self.bypassed += int(np.count_nonzero(slots < 0))
         return slots, hit, evicted
 
+    def hit(self, keys: np.ndarray, slots: np.ndarray, pin: bool = True) -> None:
+        """``access(keys, pin)`` for a call in which every key hits, given ``slots = slot_of[keys]``.
+
+        The same state change as :meth:`access` (clock, access counts, ages, pins, hits), without
+        its miss work; the store calls it when it already knows every row is cached.
+        ``keys`` unique, every slot >= 0.
+        """
+        self.clock += 1
+        if self.recency is not None:
+            _increment(self.accesses, keys)
+        self.last_use[slots] = self.clock
+        if pin:
+            _increment(self.pins, slots)
+        self.hits += int(keys.size)
+
     def release(self, slots: np.ndarray) -> None:
-        """Unpin slots returned by :meth:`access` (entries < 0 are ignored)."""
-        slots = np.asarray(slots, dtype=np.int64)
-        slots = slots[slots >= 0]
-        if np.any(self.pins[slots] <= 0):
+        """Unpin slots returned by one :meth:`access` call (entries < 0 are ignored).
+
+        The slots of one call are unique, so a plain gather / subtract / scatter is exact.
+        """
+        slots = np.asarray(slots)
+        if slots.size and slots.min() < 0:
+            slots = slots[slots >= 0]
+        held = self.pins[slots]
+        if held.size and held.min() <= 0:
             raise AssertionError("release of a slot that is not pinned: a handle was released twice")
-        np.subtract.at(self.pins, slots, 1)
+        held -= 1
+        self.pins[slots] = held
 
     def warm(self, keys: np.ndarray) -> np.ndarray:
         """Place ``keys`` (unique, not yet cached) in free slots, oldest first; returns their slots.

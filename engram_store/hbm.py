@@ -11,11 +11,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .dram import rows_view
+
 
 class HbmTier:
     def __init__(self, rows: np.ndarray, device: torch.device) -> None:
         self.rows = int(rows.shape[0])
         self.data = torch.from_numpy(np.ascontiguousarray(rows)).to(device)  # (H, row_bytes) uint8
+        # on a CPU device, the same bytes for np.take (see dram.rows_view); refresh writes in place
+        self.host_rows = rows_view(self.data.numpy()) if self.data.device.type == "cpu" else None
 
     def gather(self, ranks: torch.Tensor) -> torch.Tensor:
         return self.data.index_select(0, ranks)

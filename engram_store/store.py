@@ -34,7 +34,7 @@ import torch
 from .budget import check_budget, plan_rows
 from .disk_lmdb import LmdbDisk
 from .disk_mmap import MmapDisk
-from .dram import DramTier
+from .dram import DramTier, rows_view
 from .errors import (
     EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
     StoreCorruptError,
@@ -46,19 +46,8 @@ from .hbm import HbmTier
 from .stats import TableStats
 
 _HBM, _DRAM, _DISK = 0, 1, 2
+_EMPTY = np.empty(0, np.int64)
 _WARM_CHUNK_BYTES = 64 << 20
-
-
-def _unpin(policy, slots: np.ndarray) -> None:
-    """``policy.release(slots)`` for the slots of *one* ``access`` call (unique by construction).
-
-    Same effect and the same double-release check as ``SlotLRU.release``, with a plain fancy
-    decrement instead of ``np.subtract.at`` (which cost more than the whole gather of a
-    DRAM-hit batch).
-    """
-    if np.any(policy.pins[slots] <= 0):
-        raise AssertionError("release of a slot that is not pinned: a handle was released twice")
-    policy.pins[slots] -= 1
 
 
 class _Load:
@@ -88,6 +77,25 @@ class _Table:
         self.stats = TableStats()
         self.inflight: set[Future] = set()
         self._scratch = np.zeros(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
+        self._pos = np.arange(0, dtype=self._scratch.dtype)
+
+    def positions(self, n: int) -> np.ndarray:
+        """``arange(n)`` in the scratch dtype, a view of a cached buffer (store lock held; read-only)."""
+        if self._pos.size < n:
+            self._pos = np.arange(max(n, 2 * self._pos.size), dtype=self._scratch.dtype)
+        return self._pos[:n]
+
+    def first_mask(self, ids: np.ndarray) -> np.ndarray | None:
+        """``rep[i]``: position ``i`` is the last occurrence of its id (one per distinct id); O(n).
+
+        None when ``n`` exceeds the scratch dtype (the caller takes the sorting path).
+        """
+        n = ids.size
+        if n > np.iinfo(self._scratch.dtype).max:
+            return None
+        pos = self.positions(n)
+        self._scratch[ids] = pos
+        return self._scratch[ids] == pos
 
     def dedupe(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(unique ids, inverse)`` in O(n) without sorting (store lock held: the scratch is shared).
@@ -99,7 +107,7 @@ class _Table:
         if n > np.iinfo(self._scratch.dtype).max:
             u, inv = np.unique(ids, return_inverse=True)
             return u, inv.reshape(-1)
-        pos = np.arange(n, dtype=self._scratch.dtype)
+        pos = self.positions(n)
         self._scratch[ids] = pos
         last = self._scratch[ids]
         rep = last == pos
@@ -112,7 +120,10 @@ class _Table:
 class _Plan:
     """Everything one prefetch decided under the lock; executed by a job or inline."""
 
-    __slots__ = ("t", "shape", "inverse", "cls_u", "src_u", "miss_ranks", "fill_slots", "fill_idx",
+    # parts: [(tier, positions or None = all, per-position source index)], set by the hit fast
+    # path; otherwise built at assembly from the per-distinct-id cls_u / src_u and inverse.
+    __slots__ = ("t", "shape", "n", "inverse", "cls_u", "src_u", "cls_p", "present", "parts", "miss_ranks",
+                 "fill_slots", "fill_idx",
                  "deps", "load_id", "load", "pinned", "failed")
 
 
@@ -233,12 +244,12 @@ class TieredStore:
         if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
             raise InvalidRowIdsError(f"row ids of table {t.name!r} must be in [0, {t.info.rows})")
         a = a.astype(np.int64, copy=False)
-        if a.size:
+        # one pass: a negative id viewed as uint64 is >= 2**63, so it fails the same bound
+        if a.size and int(a.view(np.uint64).max()) >= t.info.rows:
             lo, hi = int(a.min()), int(a.max())
-            if lo < 0 or hi >= t.info.rows:
-                raise InvalidRowIdsError(
-                    f"row ids of table {t.name!r} must be in [0, {t.info.rows}); got min {lo}, max {hi}"
-                )
+            raise InvalidRowIdsError(
+                f"row ids of table {t.name!r} must be in [0, {t.info.rows}); got min {lo}, max {hi}"
+            )
         return a
 
     def _drain_releases(self) -> None:
@@ -251,7 +262,7 @@ class TieredStore:
             return
         t = p.t
         if p.pinned.size:
-            _unpin(t.dram.policy, p.pinned)
+            t.dram.policy.release(p.pinned)
         if p.failed and p.load_id:
             t.dram.invalidate(p.fill_slots, p.load_id)
             self._loads.pop(p.load_id, None)
@@ -289,9 +300,78 @@ class TieredStore:
         """``prefetch(table, row_ids).wait()``. Thread-safe."""
         return self.prefetch(table, row_ids).wait()
 
-    def _plan(self, t: _Table, ids: np.ndarray, shape) -> _Plan:
+    def _new_plan(self, t: _Table, shape, n: int) -> _Plan:
         p = _Plan()
-        p.t, p.shape, p.deps, p.load_id, p.load, p.failed = t, shape, [], 0, None, False
+        p.t, p.shape, p.n, p.deps, p.load_id, p.load, p.failed = t, shape, n, [], 0, None, False
+        p.parts = p.cls_p = None
+        p.pinned = p.miss_ranks = p.fill_slots = p.fill_idx = _EMPTY
+        return p
+
+    def _plan_hits(self, t: _Table, ids: np.ndarray, shape) -> _Plan | None:
+        """The plan of a batch whose every row is an HBM-tier row or ready in the DRAM tier, else None.
+
+        Works per position: ``rank = remap[id]``, ``slot = slot_of[rank]``, and the rows are gathered
+        with those directly (no unique ids, no inverse); a dedupe *mask* gives the distinct keys,
+        which go to ``SlotLRU.hit`` -- the same state change ``access`` would make, so eviction
+        decisions and hit counts are unchanged. Declines (the general path runs) on any miss, on
+        a slot still being filled by an earlier load, and on empty batches.
+        """
+        n = ids.size
+        if n == 0:
+            return None
+        ranks = t.remap[ids]
+        H, policy = t.H, t.dram.policy
+        all_hbm = H and int(ranks.max()) < H
+        hpos = dpos = None
+        if all_hbm:
+            rk = slots = None
+        else:
+            if not policy.capacity:
+                return None
+            if H and int(ranks.min()) < H:  # mixed batch
+                is_h = ranks < H
+                hpos, dpos = np.flatnonzero(is_h), np.flatnonzero(~is_h)
+                rk = ranks[dpos].astype(np.int64)
+            else:
+                rk = ranks.astype(np.int64)
+            slots = policy.slot_of[rk]
+            if int(slots.min()) < 0:
+                return None
+            if self._loads and t.dram.ready[slots].any():
+                return None
+        rep = t.first_mask(ids)
+        if rep is None:
+            return None
+        p = self._new_plan(t, shape, n)
+        rb = t.info.row_bytes
+        if all_hbm:
+            n_h = int(np.count_nonzero(rep))
+            p.parts = [(_HBM, None, ranks)]
+            t.stats.add(hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
+            return p
+        rep_d = rep if dpos is None else rep[dpos]
+        if rep_d.all():
+            keys, uslots = rk, slots.astype(np.int64)
+        else:
+            keys, uslots = rk[rep_d], slots[rep_d].astype(np.int64)
+        policy.hit(keys, uslots)
+        p.pinned = uslots
+        n_d = int(uslots.size)
+        if dpos is None:
+            p.parts = [(_DRAM, None, slots)]
+            t.stats.add(dram_bytes=n_d * rb, dram_accesses=n)
+        else:
+            n_h = int(np.count_nonzero(rep)) - n_d
+            p.parts = [(_HBM, hpos, ranks[hpos]), (_DRAM, dpos, slots)]
+            t.stats.add(hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=hpos.size, dram_bytes=n_d * rb,
+                        dram_accesses=dpos.size)
+        return p
+
+    def _plan(self, t: _Table, ids: np.ndarray, shape) -> _Plan:
+        p = self._plan_hits(t, ids, shape)
+        if p is not None:
+            return p
+        p = self._new_plan(t, shape, ids.size)
         uniq, p.inverse = t.dedupe(ids)
         ranks = t.remap[uniq].astype(np.int64)
         U = uniq.size
@@ -299,9 +379,6 @@ class TieredStore:
         p.src_u = ranks.copy()
         rest = np.flatnonzero(ranks >= t.H) if t.H else np.arange(U)
         n_hbm = U - rest.size
-        p.pinned = np.empty(0, np.int64)
-        p.miss_ranks = np.empty(0, np.int64)
-        p.fill_slots = p.fill_idx = np.empty(0, np.int64)
         if rest.size:
             keys = ranks[rest] if n_hbm else ranks
             slots, hit, _evicted = t.dram.policy.access(keys)
@@ -332,10 +409,16 @@ class TieredStore:
                     p.load_id = next(self._load_ids)
                     p.load = self._loads[p.load_id] = _Load()
                     t.dram.ready[p.fill_slots] = p.load_id
-            rb = t.info.row_bytes
-            t.stats.add(hbm_hits=n_hbm, hbm_bytes=n_hbm * rb, dram_bytes=int(hit_slots.size) * rb)
+        rb = t.info.row_bytes
+        n_dram = U - n_hbm - p.miss_ranks.size
+        if ids.size and p.cls_u.size:
+            p.cls_p = p.cls_u[p.inverse]
+            acc = np.bincount(p.cls_p, minlength=3).tolist()
         else:
-            t.stats.add(hbm_hits=n_hbm, hbm_bytes=n_hbm * t.info.row_bytes)
+            acc = [0, 0, 0]
+        p.present = [c for c in (_HBM, _DRAM, _DISK) if acc[c]]
+        t.stats.add(hbm_hits=n_hbm, hbm_bytes=n_hbm * rb, dram_bytes=n_dram * rb, hbm_accesses=acc[_HBM],
+                    dram_accesses=acc[_DRAM], disk_accesses=acc[_DISK])
         return p
 
     def _job(self, p: _Plan):
@@ -370,44 +453,49 @@ class TieredStore:
     def _assemble(self, p: _Plan, miss_rows: np.ndarray | None):
         """Gather every row into ``[*shape, dim]`` (host staging, then device on a side stream)."""
         t = p.t
-        rb, N = t.info.row_bytes, p.inverse.size
-        present = np.unique(p.cls_u) if p.cls_u.size else np.empty(0, np.int8)
-        sources = {_HBM: t.hbm.data, _DRAM: t.dram.slab}
-        if miss_rows is not None:
-            sources[_DISK] = torch.from_numpy(miss_rows)
+        rb = t.info.row_bytes
+        if p.parts is None:  # general path: per-position sources from the per-distinct-id plan
+            src_p = p.src_u[p.inverse]
+            if len(p.present) == 1:
+                p.parts = [(p.present[0], None, src_p)]
+            else:
+                p.parts = []
+                for c in p.present:
+                    pos = np.flatnonzero(p.cls_p == c)
+                    p.parts.append((c, pos, src_p[pos]))
+        N = p.n
         on_cuda = self.device.type == "cuda"
-        src_p = p.src_u[p.inverse] if present.size > 0 else np.empty(0, np.int64)
-        cls_p = p.cls_u[p.inverse] if present.size > 1 else None
-
-        def positions(c):
-            if cls_p is None:
-                return None, torch.from_numpy(src_p)
-            pos = np.flatnonzero(cls_p == c)
-            return torch.from_numpy(pos), torch.from_numpy(src_p[pos])
-
-        host = [c for c in present.tolist() if c != _HBM or not on_cuda]
+        # host sources as row-item views (dram.rows_view): np.take copies whole rows, one thread
+        sources = {_HBM: t.hbm.host_rows, _DRAM: t.dram.slab_rows}
+        if miss_rows is not None:
+            sources[_DISK] = rows_view(np.ascontiguousarray(miss_rows))
+        host = [part for part in p.parts if part[0] != _HBM or not on_cuda]
         event = None
         if not host and not on_cuda:
             out = torch.empty((N, rb), dtype=torch.uint8)
         elif host:
             out = torch.empty((N, rb), dtype=torch.uint8, pin_memory=on_cuda)
-            for c in host:
-                pos, idx = positions(c)
+            out_rows = rows_view(out.numpy())
+            for c, pos, idx in host:
+                # mode="clip" only skips numpy's buffered bounds check: every index is in range by
+                # construction (ranks < H, slots from slot_of >= 0, miss positions < len(miss_rows))
                 if pos is None:
-                    torch.index_select(sources[c], 0, idx, out=out)
+                    np.take(sources[c], idx, out=out_rows, mode="clip")
                 else:
-                    out[pos] = sources[c].index_select(0, idx)
+                    out_rows[pos] = np.take(sources[c], idx, mode="clip")
         if on_cuda:
             with torch.cuda.stream(self._side_stream):
                 out = out.to(self.device, non_blocking=True) if host else torch.empty((N, rb), dtype=torch.uint8,
                                                                                      device=self.device)
-                if _HBM in present.tolist():
-                    pos, idx = positions(_HBM)
-                    idx = idx.to(self.device, non_blocking=True)
+                for c, pos, idx in p.parts:
+                    if c != _HBM:
+                        continue
+                    idx = torch.from_numpy(idx).to(self.device, non_blocking=True)
                     if pos is None:
                         torch.index_select(t.hbm.data, 0, idx, out=out)
                     else:
-                        out[pos.to(self.device, non_blocking=True)] = t.hbm.data.index_select(0, idx)
+                        out.index_copy_(0, torch.from_numpy(pos).to(self.device, non_blocking=True),
+                                        t.hbm.data.index_select(0, idx))
                 event = torch.cuda.Event()
                 event.record(self._side_stream)
         result = out.view(t.info.dtype).reshape(*p.shape, t.info.dim)

@@ -72,14 +72,12 @@ def test_later_prefetch_never_evicts_rows_of_an_unwaited_handle(tmp_path, backen
         assert (policy.slots(np.arange(50, 100)) < 0).all()
 
 
-def test_meta_scenario_detects_missing_protection(tmp_path, monkeypatch):
-    from engram_store import store as store_mod
+def test_meta_scenario_detects_missing_protection(tmp_path):
     s, gated, T = _open(tmp_path, "mmap")
     policy = s._t["t"].dram.policy
     access = policy.access
     policy.access = lambda keys, pin=True: access(keys, pin=False)  # protection removed
     policy.release = lambda slots: None
-    monkeypatch.setattr(store_mod, "_unpin", lambda policy, slots: None)
     with s:
         got, want = _scenario(s, gated, T)
         assert not torch.equal(got, want), "scenario cannot tell whether pins protect anything"
