@@ -349,14 +349,12 @@ class TieredStore:
             p.parts = [(_HBM, None, ranks)]
             t.stats.add(hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
             return p
-        rep_d = rep if dpos is None else rep[dpos]
-        if rep_d.all():
-            keys, uslots = rk, slots.astype(np.int64)
-        else:
-            keys, uslots = rk[rep_d], slots[rep_d].astype(np.int64)
-        policy.hit(keys, uslots)
-        p.pinned = uslots
-        n_d = int(uslots.size)
+        # keys / slots per position (repeats included): SlotLRU.hit and release count a repeated
+        # slot once, exactly as access / release of the distinct keys would
+        slots = slots.astype(np.int64)
+        n_d = int(np.count_nonzero(rep if dpos is None else rep[dpos]))
+        policy.hit(rk, slots, n_distinct=n_d)
+        p.pinned = slots
         if dpos is None:
             p.parts = [(_DRAM, None, slots)]
             t.stats.add(dram_bytes=n_d * rb, dram_accesses=n)
