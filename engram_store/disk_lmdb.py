@@ -23,8 +23,8 @@ import lmdb
 import numpy as np
 import zstandard
 
-from .errors import StoreCorruptError, StoreNotFoundError
-from .format import LMDB_DIR, TableInfo, crc32, read_rows, shuffle_bytes, unshuffle_bytes
+from .errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
+from .format import LMDB_DIR, TableInfo, crc32, read_rows, shuffle_bytes
 
 
 def block_key(table: str, block: int) -> bytes:
@@ -74,7 +74,13 @@ class LmdbDisk:
         env_path = self.root / manifest.get("lmdb_dir", LMDB_DIR)
         if not (env_path / "data.mdb").is_file():
             raise StoreNotFoundError(f"store {str(root)!r} is missing {env_path.name}/data.mdb: rebuild the store")
-        self.env = open_env(env_path)
+        try:
+            self.env = open_env(env_path)
+        except lmdb.Error as e:  # e.g. already open in this process (LMDB allows one handle per process)
+            raise StoreOpenError(
+                f"cannot open the LMDB environment of store {str(root)!r}: {e}; an LMDB store can be open "
+                "once per process: share the open store (it is thread-safe) or close it first"
+            ) from e
         self.tables = {n: _Table(n, infos[n], manifest["tables"][n]) for n in infos}
         self._local = threading.local()
         # A cheap open-time check that catches a truncated environment: the last block of each table.
@@ -90,30 +96,87 @@ class LmdbDisk:
         return d
 
     def _decode(self, t: _Table, b: int, value) -> np.ndarray:
-        n = t.block_len(b)
+        """The raw bytes of block ``b`` from its stored ``value`` (checksum verified if ``verify``)."""
         if value is None:
             raise StoreCorruptError(f"table {t.name!r} block {b}: missing from the LMDB environment; rebuild the store")
+        out = np.empty(t.block_len(b), np.uint8)
+        self._decode_into(t, b, value, out)
+        return out
+
+    def _decode_into(self, t: _Table, b: int, value, out: np.ndarray) -> None:
+        """Decompress (and unshuffle) stored ``value`` (bytes-like) straight into ``out`` (uint8, the block's size)."""
+        n = out.size
         try:
-            raw = self._dctx().decompress(bytes(value[4:]), max_output_size=n)
+            raw = self._dctx().decompress(value[4:], max_output_size=n)
         except zstandard.ZstdError as e:
             raise StoreCorruptError(f"table {t.name!r} block {b}: zstd frame is corrupt ({e}); rebuild the store") from e
         if len(raw) != n:
             raise StoreCorruptError(f"table {t.name!r} block {b}: {len(raw)} bytes, expected {n}; rebuild the store")
-        arr = unshuffle_bytes(raw, t.itemsize) if t.shuffle else np.frombuffer(raw, np.uint8)
-        if self.verify and crc32(arr) != int.from_bytes(bytes(value[:4]), "little"):
+        src = np.frombuffer(raw, np.uint8)
+        if t.shuffle:  # the inverse of format.shuffle_bytes, written in place
+            out.reshape(-1, t.itemsize)[...] = src.reshape(t.itemsize, -1).T
+        else:
+            out[...] = src
+        if self.verify and crc32(out) != int.from_bytes(bytes(value[:4]), "little"):
             raise StoreCorruptError(f"table {t.name!r} block {b}: checksum mismatch; the store is corrupt: rebuild it")
-        return arr
 
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
+        """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf``; returns the stored bytes read.
+
+        Per block only the LMDB get (which takes the cold page fault of the value, GIL released)
+        and the zstd call (GIL released) run; the unshuffle is one vectorised copy for the chunk
+        and the checksums one crc32 per block over ``buf``: less time holding the GIL per block
+        lets the I/O threads' page faults overlap (cold reads 0.5x -> ~0.6x of mmap's).
+        """
+        prefix = t.name.encode() + b"/"
+        dctx = self._dctx()
         moved = 0
+        raws, crcs = [], []
         with self.env.begin(buffers=True) as txn:
             for i in range(lo, hi):
                 b = int(blocks[i])
-                v = txn.get(block_key(t.name, b))
-                arr = self._decode(t, b, v)
-                buf[i, : arr.size] = arr
+                v = txn.get(prefix + b.to_bytes(8, "big"))
+                if v is None:
+                    raise StoreCorruptError(
+                        f"table {t.name!r} block {b}: missing from the LMDB environment; rebuild the store")
+                n = t.block_len(b)
+                try:
+                    raw = dctx.decompress(v[4:], max_output_size=n)
+                except zstandard.ZstdError as e:
+                    raise StoreCorruptError(
+                        f"table {t.name!r} block {b}: zstd frame is corrupt ({e}); rebuild the store") from e
+                if len(raw) != n:
+                    raise StoreCorruptError(
+                        f"table {t.name!r} block {b}: {len(raw)} bytes, expected {n}; rebuild the store")
                 moved += len(v)
+                crcs.append(bytes(v[:4]))
+                raws.append(raw)
+        self._place(t, raws, buf, lo)
+        if self.verify:
+            for j, c in enumerate(crcs):
+                if crc32(buf[lo + j, : len(raws[j])]) != int.from_bytes(c, "little"):
+                    raise StoreCorruptError(f"table {t.name!r} block {int(blocks[lo + j])}: checksum mismatch; "
+                                            "the store is corrupt: rebuild it")
         return moved
+
+    @staticmethod
+    def _place(t: _Table, raws: list, buf: np.ndarray, lo: int) -> None:
+        """Unshuffle (or copy) decompressed blocks ``raws`` into rows ``lo:`` of ``buf``: the leading
+        full-size blocks in one vectorised copy, a short one (a table's last block) on its own."""
+        full, k = t.br * t.rb, len(raws)
+        m = next((j for j, r in enumerate(raws) if len(r) != full), k)
+        if m:
+            src = np.frombuffer(b"".join(raws[:m]), np.uint8)
+            if t.shuffle:  # the inverse of format.shuffle_bytes, block by block
+                buf[lo: lo + m].reshape(m, -1, t.itemsize)[...] = src.reshape(m, t.itemsize, -1).transpose(0, 2, 1)
+            else:
+                buf[lo: lo + m] = src.reshape(m, full)
+        for j in range(m, k):
+            src, out = np.frombuffer(raws[j], np.uint8), buf[lo + j, : len(raws[j])]
+            if t.shuffle:
+                out.reshape(-1, t.itemsize)[...] = src.reshape(t.itemsize, -1).T
+            else:
+                out[...] = src
 
     def _parallel(self, t: _Table, blocks: np.ndarray, buf: np.ndarray) -> int:
         n = blocks.size
