@@ -255,7 +255,7 @@ def soak_processes(tmp: Path, backend: str, seconds: float, readers: int = 3, se
 
 @pytest.mark.parametrize("backend", ["mmap", "lmdb"])
 def test_threads_prefetch_wait_lookup_update(tmp_path, backend):
-    r = soak_threads(tmp_path, backend, seconds=6.0, epoch_s=2.0, seed=1)
+    r = soak_threads(tmp_path, backend, seconds=4.0, epoch_s=2.0, seed=1)
     print(f"\nRELIABILITY concurrency threads: {r}")
     assert r["wrong_rows"] == 0 and r["lost_updates"] == 0
     assert r["updates"] > 20 and r["rows_checked"] > 10000  # it did run
@@ -263,7 +263,7 @@ def test_threads_prefetch_wait_lookup_update(tmp_path, backend):
 
 @pytest.mark.parametrize("backend", ["lmdb", "mmap"])
 def test_processes_read_while_one_updates(tmp_path, backend):
-    r = soak_processes(tmp_path, backend, seconds=5.0, readers=3, seed=2)
+    r = soak_processes(tmp_path, backend, seconds=3.0, readers=3, seed=2)
     print(f"\nRELIABILITY concurrency processes: {r}")
     assert not r["errors"], r["errors"]
     assert r["wrong_rows"] == 0 and r["lost_updates"] == 0
