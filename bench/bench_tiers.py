@@ -4,10 +4,14 @@
                                 [--checkpoint DIR]
 
 Measures rows/s of ``prefetch(...).wait()`` for all-HBM hits, all-DRAM hits and cold disk reads
-(mmap and lmdb backends), against raw ``index_select`` from a RAM tensor and raw parallel
-``os.pread`` (8 threads, one pread per row) of the same rows. Every measurement is repeated
-and interleaved with its baseline (the machine is shared and noisy) and the median is kept;
-results are checked bit-for-bit against the RAM tensor after timing.
+(mmap and lmdb backends, each with and without checksum verification), against raw
+``index_select`` from a RAM tensor and raw parallel ``os.pread`` (8 threads, one pread per row)
+of the same rows; also a single-thread row gather (``np.take``) as context, since
+``index_select`` runs on torch's OpenMP threads and slows down sharply when other processes
+busy the cores. Every measurement is repeated and interleaved with its baseline (the machine
+is shared and noisy); per repeat the ratio to its baseline is taken, and the median and the
+range (min-max) over repeats are reported. Results are checked bit-for-bit against the RAM
+tensor after timing, and the stores' access-weighted counters against the ids asked for.
 
 ``--drop-caches`` evicts the store files from the page cache before every cold measurement
 (``posix_fadvise(DONTNEED)`` on each file, plus ``/proc/sys/vm/drop_caches`` when run as root);
@@ -117,7 +121,8 @@ def main(argv=None) -> int:
     nbytes = args.rows * rb
     work = Path(tempfile.mkdtemp(prefix="bench-tiers-", dir=args.dir))
     results: dict[str, list[float]] = {k: [] for k in
-                                       ["index_select", "hbm", "dram", "pread", "cold_mmap", "cold_lmdb"]}
+                                       ["index_select", "take_1thread", "hbm", "dram", "pread", "cold_mmap",
+                                        "cold_mmap_noverify", "cold_lmdb", "cold_lmdb_noverify"]}
     try:
         order = torch.randperm(args.rows, generator=g)
         t0 = time.perf_counter()
@@ -131,13 +136,26 @@ def main(argv=None) -> int:
         s_hbm = engram_store.open(p_mmap, device=args.device, hbm_bytes=nbytes)
         s_dram = engram_store.open(p_mmap, device=args.device, dram_bytes=nbytes)
         s_cold = engram_store.open(p_mmap, device=args.device, io_threads=args.io_threads)
-        s_lmdb = engram_store.open(p_lmdb, device=args.device, io_threads=args.io_threads)
+        s_cold_nv = engram_store.open(p_mmap, device=args.device, io_threads=args.io_threads, verify_reads=False)
+
+        def lmdb_cold(ids, verify):
+            # opened per measurement: LMDB maps its file, and pages a process still maps survive
+            # the page-cache drop, so a long-open store would read "cold" rows from memory
+            with engram_store.open(p_lmdb, device=args.device, io_threads=args.io_threads,
+                                   verify_reads=verify) as s:
+                if args.drop_caches:
+                    drop_caches([p_lmdb])
+                t0 = time.perf_counter()
+                s.prefetch("t", ids).wait()
+                return time.perf_counter() - t0
         fd = os.open(p_mmap / "t.rows", os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         pool = ThreadPoolExecutor(args.io_threads)
         remap = np.load(p_mmap / "t.remap.npy").astype(np.int64)
         rng = np.random.default_rng(1)
         hit_batches = [torch.from_numpy(rng.integers(0, args.rows, args.batch)) for _ in range(8)]
+        T_rows = T.view(torch.uint8).numpy()
+        T_rows = T_rows.view(np.dtype((np.void, rb))).reshape(args.rows)  # one opaque item per row
 
         def hits(fn):
             fn(hit_batches[0])  # warm-up
@@ -145,28 +163,47 @@ def main(argv=None) -> int:
 
         for r in range(args.repeats):
             results["index_select"].append(hits(lambda b: T.index_select(0, b)))
+            results["take_1thread"].append(hits(lambda b: np.take(T_rows, b.numpy(), mode="clip")))
             results["hbm"].append(hits(lambda b: s_hbm.prefetch("t", b).wait()))
             results["dram"].append(hits(lambda b: s_dram.prefetch("t", b).wait()))
             ids = torch.from_numpy(rng.choice(args.rows, args.cold_rows, replace=False))
             ranks = remap[ids.numpy()]
-            cold = [("pread", lambda: raw_pread(fd, ranks, rb, pool, args.io_threads)),
-                    ("cold_mmap", lambda: s_cold.prefetch("t", ids).wait()),
-                    ("cold_lmdb", lambda: s_lmdb.prefetch("t", ids).wait())]
-            for name, fn in cold[r % 3:] + cold[: r % 3]:  # rotate who goes first
+
+            def cold_mmap(s):
                 if args.drop_caches:
                     drop_caches([p_mmap, p_lmdb])
-                results[name].append(args.cold_rows / timed(fn))
+                return timed(lambda: s.prefetch("t", ids).wait())
+
+            def cold_pread():
+                if args.drop_caches:
+                    drop_caches([p_mmap, p_lmdb])
+                return timed(lambda: raw_pread(fd, ranks, rb, pool, args.io_threads))
+
+            cold = [("pread", cold_pread),
+                    ("cold_mmap", lambda: cold_mmap(s_cold)),
+                    ("cold_mmap_noverify", lambda: cold_mmap(s_cold_nv)),
+                    ("cold_lmdb", lambda: lmdb_cold(ids, True)),
+                    ("cold_lmdb_noverify", lambda: lmdb_cold(ids, False))]
+            k = r % len(cold)
+            for name, fn in cold[k:] + cold[:k]:  # rotate who goes first
+                results[name].append(args.cold_rows / fn())
 
         # checks after timing
         b = hit_batches[-1]
-        for s in (s_hbm, s_dram, s_cold, s_lmdb):
+        s_lmdb = engram_store.open(p_lmdb, device=args.device, io_threads=args.io_threads)
+        for s in (s_hbm, s_dram, s_cold, s_cold_nv, s_lmdb):
             got = s.prefetch("t", b).wait().cpu()
             assert torch.equal(got.view(torch.uint8), T[b].view(torch.uint8)), "store returned a wrong row"
+        assert np.array_equal(np.take(T_rows, b.numpy(), mode="clip").view(np.uint8).reshape(-1),
+                              T[b].contiguous().view(torch.uint8).numpy().reshape(-1)), "np.take baseline wrong"
         got = np.frombuffer(b"".join(raw_pread(fd, remap[b.numpy()], rb, pool, args.io_threads)), np.uint8)
         assert np.array_equal(got, T[b].contiguous().view(torch.uint8).numpy().reshape(-1)), "pread baseline wrong"
         stats = s_dram.stats()["t"]
         assert stats["dram"]["misses"] == 0 and stats["disk"]["rows"] == 0, "DRAM bench was not all hits"
+        n_dram_ids = (args.repeats * (len(hit_batches) + 1) + 1) * args.batch  # + warm-ups, + the check
+        assert stats["dram"]["accesses"] == n_dram_ids, "DRAM access counter does not match the ids asked for"
         assert s_hbm.stats()["t"]["hbm"]["hits"] > 0 and s_hbm.stats()["t"]["disk"]["rows"] == 0
+        assert s_hbm.stats()["t"]["hbm"]["accesses"] == n_dram_ids
 
         bb = args.lmdb_block_bytes or LMDB_BLOCK_BYTES
         comp = {"synthetic": {"shuffle": compression_ratio(T, True, bb), "plain": compression_ratio(T, False, bb),
@@ -182,7 +219,7 @@ def main(argv=None) -> int:
                             Wd = W.to(DTYPES[dt])
                             comp[f"{args.checkpoint.name}:{name}:{dt}"] = {
                                 "shuffle": compression_ratio(Wd, True, bb), "plain": compression_ratio(Wd, False, bb)}
-        for s in (s_hbm, s_dram, s_cold, s_lmdb):
+        for s in (s_hbm, s_dram, s_cold, s_cold_nv, s_lmdb):
             s.close()
         os.close(fd)
         pool.shutdown()
@@ -190,10 +227,20 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    ratios = {"dram_vs_index_select": med["dram"] / med["index_select"],
-              "hbm_vs_index_select": med["hbm"] / med["index_select"],
-              "cold_mmap_vs_pread": med["cold_mmap"] / med["pread"],
-              "cold_lmdb_vs_mmap": med["cold_lmdb"] / med["cold_mmap"]}
+    pairs = {"dram_vs_index_select": ("dram", "index_select"), "hbm_vs_index_select": ("hbm", "index_select"),
+             "dram_vs_take_1thread": ("dram", "take_1thread"),
+             "index_select_vs_take_1thread": ("index_select", "take_1thread"),
+             "cold_mmap_vs_pread": ("cold_mmap", "pread"), "cold_lmdb_vs_mmap": ("cold_lmdb", "cold_mmap"),
+             "mmap_verify_vs_noverify": ("cold_mmap", "cold_mmap_noverify"),
+             "lmdb_verify_vs_noverify": ("cold_lmdb", "cold_lmdb_noverify")}
+    # per repeat (each measurement next to its baseline), then median and range over repeats
+    per_rep = {k: [x / y for x, y in zip(results[a], results[b])] for k, (a, b) in pairs.items()}
+    ratios = {k: statistics.median(v) for k, v in per_rep.items()}
+    spread = {k: (min(v), max(v)) for k, v in per_rep.items()}
+
+    def rr(k):
+        lo, hi = spread[k]
+        return f"{ratios[k]:.2f}x ({lo:.2f}-{hi:.2f})"
     targets = {"dram>=0.5*index_select": ratios["dram_vs_index_select"] >= 0.5,
                "cold_mmap>=0.8*pread": ratios["cold_mmap_vs_pread"] >= 0.8,
                "cold_lmdb>=0.5*cold_mmap": ratios["cold_lmdb_vs_mmap"] >= 0.5}
@@ -201,14 +248,21 @@ def main(argv=None) -> int:
     print(f"table {args.rows} x {args.dim} {args.dtype} ({nbytes / 2**20:.0f} MiB), hit batch {args.batch}, "
           f"cold batch {args.cold_rows}, {args.io_threads} I/O threads, device {args.device}, median of {args.repeats}")
     print()
-    print("| path | rows/s | vs baseline |")
+    print("| path | rows/s (median) | vs baseline: median of per-repeat ratios (min-max) |")
     print("|---|---:|---|")
     print(f"| raw `index_select` (RAM tensor) | {med['index_select']:,.0f} | baseline |")
-    print(f"| store, all HBM-tier hits | {med['hbm']:,.0f} | {ratios['hbm_vs_index_select']:.2f}x index_select |")
-    print(f"| store, all DRAM-tier hits | {med['dram']:,.0f} | {ratios['dram_vs_index_select']:.2f}x index_select (target >= 0.5) |")
+    print(f"| raw single-thread row gather (`np.take`) | {med['take_1thread']:,.0f} | context: index_select is "
+          f"{rr('index_select_vs_take_1thread')} of it |")
+    print(f"| store, all HBM-tier hits | {med['hbm']:,.0f} | {rr('hbm_vs_index_select')} index_select |")
+    print(f"| store, all DRAM-tier hits | {med['dram']:,.0f} | {rr('dram_vs_index_select')} index_select "
+          f"(target >= 0.5); {rr('dram_vs_take_1thread')} np.take |")
     print(f"| raw parallel `pread`, {label} | {med['pread']:,.0f} | baseline |")
-    print(f"| store mmap, {label} | {med['cold_mmap']:,.0f} | {ratios['cold_mmap_vs_pread']:.2f}x pread (target >= 0.8) |")
-    print(f"| store lmdb, {label} | {med['cold_lmdb']:,.0f} | {ratios['cold_lmdb_vs_mmap']:.2f}x mmap (target >= 0.5) |")
+    print(f"| store mmap, {label} | {med['cold_mmap']:,.0f} | {rr('cold_mmap_vs_pread')} pread (target >= 0.8) |")
+    print(f"| store mmap, verify_reads=False | {med['cold_mmap_noverify']:,.0f} | checksums cost: verified runs at "
+          f"{rr('mmap_verify_vs_noverify')} of unverified |")
+    print(f"| store lmdb, {label} | {med['cold_lmdb']:,.0f} | {rr('cold_lmdb_vs_mmap')} mmap (target >= 0.5) |")
+    print(f"| store lmdb, verify_reads=False | {med['cold_lmdb_noverify']:,.0f} | checksums cost: verified runs at "
+          f"{rr('lmdb_verify_vs_noverify')} of unverified |")
     print()
     print("| LMDB compression (raw / stored) | with byte-shuffle | without |")
     print("|---|---:|---:|")
@@ -218,7 +272,9 @@ def main(argv=None) -> int:
     print(json.dumps({"bench": "tiers", "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "batch": args.batch,
                       "cold_rows": args.cold_rows, "lmdb_block_bytes": args.lmdb_block_bytes or LMDB_BLOCK_BYTES, "io_threads": args.io_threads, "drop_caches": args.drop_caches,
                       "device": args.device, "rows_per_s": {k: round(v) for k, v in med.items()},
-                      "ratios": {k: round(v, 3) for k, v in ratios.items()}, "targets_met": targets,
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                      "ratio_range": {k: [round(lo, 3), round(hi, 3)] for k, (lo, hi) in spread.items()},
+                      "targets_met": targets,
                       "compression": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in comp.items()},
                       "write_s": {"mmap": round(t_mmap, 2), "lmdb": round(t_lmdb, 2)}}))
     return 0
