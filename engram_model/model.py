@@ -38,7 +38,7 @@ class ModelConfig:
     max_ngram: int = 3
     kernel_size: int = 4  # short conv kernel (dilation = max_ngram)
     hash_seed: int = 0
-    engram_init_std: float = 1.0  # N(0, std) init of the memory rows (nn.Embedding default)
+    engram_init_std: float = 0.02  # N(0, std) init of the memory rows (same scale as the token embedding)
 
     def __post_init__(self):
         object.__setattr__(self, "engram_layers", tuple(int(x) for x in self.engram_layers))

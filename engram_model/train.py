@@ -128,10 +128,13 @@ def prepare_corpus(corpus_paths, settings: TrainSettings, tokenizer: Tokenizer |
     return Corpus(tokenizer, train_ids, held_ids, description)
 
 
+def model_config(settings: TrainSettings, vocab_size: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, **{**DEFAULT_MODEL, **settings.model, "max_seq_len": settings.seq_len})
+
+
 def build_models(settings: TrainSettings, compression: CompressedTokenizer) -> tuple[EngramLM, EngramLM]:
     """(EngramLM, baseline) with bit-identical backbone initialization."""
-    overrides = {**DEFAULT_MODEL, **settings.model, "max_seq_len": settings.seq_len}
-    cfg = ModelConfig(vocab_size=compression.vocab_size, **overrides)
+    cfg = model_config(settings, compression.vocab_size)
     torch.manual_seed(settings.seed)
     engram = EngramLM(cfg, compression)
     torch.manual_seed(settings.seed)
@@ -300,7 +303,7 @@ def _train_key(corpus_paths, settings: TrainSettings, tokenizer: Tokenizer | Non
     else:
         files = expand_paths(corpus_paths)
         corpus = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    doc = dict(corpus=corpus, settings=settings.to_dict(),
+    doc = dict(corpus=corpus, settings=settings.to_dict(), model=model_config(settings, settings.vocab_size).to_dict(),
                tokenizer=None if tokenizer is None else hashlib.sha256(tokenizer.to_str().encode()).hexdigest())
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
