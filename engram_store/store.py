@@ -73,6 +73,7 @@ class _Table:
         self.remap = remap
         self.hbm = hbm
         self.H = hbm.rows
+        self.rb = info.row_bytes  # cached: TableInfo.row_bytes builds a tensor to ask the dtype's size
         self.dram = dram
         self.stats = TableStats()
         self.inflight: set[Future] = set()
@@ -293,7 +294,6 @@ class TieredStore:
                 fut = self._job_pool.submit(self._job, p)
                 t.inflight.add(fut)
                 fut.add_done_callback(t.inflight.discard)
-        t.stats.add(prefetches=1)
         return Handle(fut, lambda: self._release_now(p), lambda: self._releases.append(p), t.stats)
 
     def lookup(self, table: str, row_ids) -> torch.Tensor:
@@ -343,11 +343,11 @@ class TieredStore:
         if rep is None:
             return None
         p = self._new_plan(t, shape, n)
-        rb = t.info.row_bytes
+        rb = t.rb
         if all_hbm:
             n_h = int(np.count_nonzero(rep))
             p.parts = [(_HBM, None, ranks)]
-            t.stats.add(hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
+            t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
             return p
         # keys / slots per position (repeats included): SlotLRU.hit and release count a repeated
         # slot once, exactly as access / release of the distinct keys would
@@ -357,12 +357,12 @@ class TieredStore:
         p.pinned = slots
         if dpos is None:
             p.parts = [(_DRAM, None, slots)]
-            t.stats.add(dram_bytes=n_d * rb, dram_accesses=n)
+            t.stats.add(prefetches=1, dram_bytes=n_d * rb, dram_accesses=n)
         else:
             n_h = int(np.count_nonzero(rep)) - n_d
             p.parts = [(_HBM, hpos, ranks[hpos]), (_DRAM, dpos, slots)]
-            t.stats.add(hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=hpos.size, dram_bytes=n_d * rb,
-                        dram_accesses=dpos.size)
+            t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=hpos.size,
+                        dram_bytes=n_d * rb, dram_accesses=dpos.size)
         return p
 
     def _plan(self, t: _Table, ids: np.ndarray, shape) -> _Plan:
@@ -407,7 +407,7 @@ class TieredStore:
                     p.load_id = next(self._load_ids)
                     p.load = self._loads[p.load_id] = _Load()
                     t.dram.ready[p.fill_slots] = p.load_id
-        rb = t.info.row_bytes
+        rb = t.rb
         n_dram = U - n_hbm - p.miss_ranks.size
         if ids.size and p.cls_u.size:
             p.cls_p = p.cls_u[p.inverse]
@@ -415,8 +415,8 @@ class TieredStore:
         else:
             acc = [0, 0, 0]
         p.present = [c for c in (_HBM, _DRAM, _DISK) if acc[c]]
-        t.stats.add(hbm_hits=n_hbm, hbm_bytes=n_hbm * rb, dram_bytes=n_dram * rb, hbm_accesses=acc[_HBM],
-                    dram_accesses=acc[_DRAM], disk_accesses=acc[_DISK])
+        t.stats.add(prefetches=1, hbm_hits=n_hbm, hbm_bytes=n_hbm * rb, dram_bytes=n_dram * rb,
+                    hbm_accesses=acc[_HBM], dram_accesses=acc[_DRAM], disk_accesses=acc[_DISK])
         return p
 
     def _job(self, p: _Plan):
@@ -451,7 +451,7 @@ class TieredStore:
     def _assemble(self, p: _Plan, miss_rows: np.ndarray | None):
         """Gather every row into ``[*shape, dim]`` (host staging, then device on a side stream)."""
         t = p.t
-        rb = t.info.row_bytes
+        rb = t.rb
         if p.parts is None:  # general path: per-position sources from the per-distinct-id plan
             src_p = p.src_u[p.inverse]
             if len(p.present) == 1:
