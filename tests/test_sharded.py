@@ -494,11 +494,12 @@ def test_sharded_training_equals_one_process():
         assert lm["bytes"] > 0
         # Row gradients are summed across ranks in another order than in one process; Adam divides
         # by sqrt(v), so rows with tiny gradients amplify that float32 rounding: 5 steps at the
-        # memory rows' lr (1.5e-2) leave differences up to ~2e-5 (0.1% of one step).
+        # memory rows' lr (1.5e-2) leave differences up to ~2e-5 (0.1% of one step; measured 1.8e-5).
         torch.testing.assert_close(torch.from_numpy(lm["table"]), table, rtol=1e-4, atol=5e-5)
         assert lm["state"].keys() == state.keys()
         for k, v in state.items():
-            torch.testing.assert_close(torch.from_numpy(lm["state"][k]), v, rtol=1e-4, atol=1e-5, msg=k)
+            # Same rounding, amplified by AdamW on near-zero gradients (biases start at 0): ~1e-5 seen.
+            torch.testing.assert_close(torch.from_numpy(lm["state"][k]), v, rtol=1e-4, atol=5e-5, msg=k)
 
 
 def _rank_cuda_lookups(rank, world):
