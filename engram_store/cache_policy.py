@@ -52,7 +52,7 @@ class SlotLRU:
     """
 
     def __init__(self, n_keys: int, capacity: int, *, admit_below: int | None = None,
-                 recency: float | None = 0.1) -> None:
+                 recency: float | None = 0.1, evict_fraction: float = 1 / 64) -> None:
         if capacity < 0 or n_keys < 0:
             raise ValueError(f"n_keys and capacity must be >= 0, got {n_keys}, {capacity}")
         if recency is not None and not recency >= 0:
@@ -68,6 +68,13 @@ class SlotLRU:
         self.key_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> key or -1 (free)
         self.last_use = np.full(self.capacity, -1, dtype=np.int64)  # slot -> tick of last access
         self.pins = np.zeros(self.capacity, dtype=np.int32)  # slot -> outstanding handles naming it
+        # Free slots as a stack (lowest slot on top), so finding one is O(1), not a scan of the tier.
+        self._free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)
+        self._n_free = self.capacity
+        # Choosing victims scores every slot, O(capacity); so one choice evicts at least this many
+        # rows and keeps the surplus as free slots for the misses that follow. A decoding step
+        # misses a few rows at a time: without batching each step paid a full scan of the tier.
+        self.evict_batch = max(1, int(np.ceil(self.capacity * float(evict_fraction))))
         self.clock = 0
         self.warmed = 0  # keys placed by warm() so far (their ages continue across calls)
         self.hits = 0
@@ -82,7 +89,7 @@ class SlotLRU:
 
     @property
     def size(self) -> int:
-        return int(np.count_nonzero(self.key_of >= 0))
+        return self.capacity - self._n_free
 
     # -- the one mutating call on the hot path -----------------------------------------
     def access(self, keys: np.ndarray, pin: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,15 +123,11 @@ class SlotLRU:
             miss_idx = miss_idx[keys[miss_idx] < self.admit_below]
         evicted = np.empty(0, dtype=np.int64)
         if miss_idx.size and self.capacity:
-            victims = self._victims(int(miss_idx.size))
+            victims, evicted = self._victims(int(miss_idx.size))
             if victims.size < miss_idx.size:
                 # Not enough unpinned slots: cache the hottest misses (lowest rank).
                 order = np.argsort(keys[miss_idx], kind="stable")
                 miss_idx = np.sort(miss_idx[order[: victims.size]])
-            old = self.key_of[victims]
-            evicted = old[old >= 0]
-            self.evictions += int(evicted.size)
-            self.slot_of[evicted] = -1
             new_keys = keys[miss_idx]
             self.key_of[victims] = new_keys
             self.slot_of[new_keys] = victims
@@ -174,7 +177,7 @@ class SlotLRU:
         Keys beyond the free space are ignored (their slot is -1).
         """
         keys = np.asarray(keys, dtype=np.int64)
-        free = np.flatnonzero(self.key_of < 0)[: keys.size]
+        free = self._pop_free(keys.size)
         taken = keys[: free.size]
         self.key_of[free] = taken
         self.slot_of[taken] = free
@@ -187,18 +190,51 @@ class SlotLRU:
         return out
 
     # -- internals ---------------------------------------------------------------------
-    def _victims(self, k: int) -> np.ndarray:
-        """Up to ``k`` slots to reuse: free ones first (lowest slot first), then unpinned ones
-        of lowest score (LRU: oldest); among equal scores, the highest key (the coldest rank)
-        first. The choice depends on keys, ages and counts only, never on slot numbers, so
-        any caller replaying the same keys gets the same hits."""
-        free = np.flatnonzero(self.key_of < 0)
-        if free.size >= k:
-            return free[:k]
+    def forget(self, slots: np.ndarray) -> None:
+        """Drop whatever ``slots`` hold (a failed load's slots: their bytes are not valid) and free them."""
+        slots = np.unique(np.asarray(slots, dtype=np.int64))
+        keys = self.key_of[slots]
+        slots = slots[keys >= 0]
+        self.slot_of[keys[keys >= 0]] = -1
+        self.key_of[slots] = -1
+        self._push_free(slots)
+
+    def _pop_free(self, k: int) -> np.ndarray:
+        """Up to ``k`` free slots, lowest first."""
+        k = min(k, self._n_free)
+        out = self._free[self._n_free - k: self._n_free][::-1].copy()
+        self._n_free -= k
+        return out
+
+    def _push_free(self, slots: np.ndarray) -> None:
+        n = slots.size
+        if self._n_free + n > self._free.size:
+            raise AssertionError("more free slots than the tier has: a slot was freed twice")
+        # Keep the stack sorted (lowest slot on top) so which slot a key lands in is deterministic.
+        merged = np.sort(np.concatenate([self._free[: self._n_free], slots]))[::-1]
+        self._free[: merged.size] = merged
+        self._n_free = merged.size
+
+    def _victims(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` slots to reuse, and the keys evicted to free them: free ones first, then unpinned ones of lowest score (LRU:
+        oldest); among equal scores, the highest key (the coldest rank) first.
+
+        When the free slots do not cover ``k``, one pass over the tier evicts
+        ``max(k - free, evict_batch)`` rows of lowest score; the surplus stays free for later
+        misses (amortised O(k) per miss instead of O(capacity)). The choice depends on keys, ages
+        and counts only, never on slot numbers, so any caller replaying the same keys gets the
+        same hits."""
+        evicted = np.empty(0, dtype=np.int64)
+        if self._n_free < k:
+            evicted = self._evict(max(k - self._n_free, self.evict_batch))
+        return self._pop_free(k), evicted
+
+    def _evict(self, n: int) -> np.ndarray:
+        """Evict up to ``n`` unpinned rows of lowest score; their slots become free. Returns their keys."""
         usable = np.flatnonzero((self.pins == 0) & (self.key_of >= 0))
-        need = min(k - free.size, usable.size)
+        need = min(n, usable.size)
         if need == 0:
-            return free
+            return np.empty(0, dtype=np.int64)
         keys = self.key_of[usable]
         if self.recency is None:
             score = self.last_use[usable]
@@ -209,6 +245,10 @@ class SlotLRU:
         below = np.flatnonzero(score < kth)
         tied = np.flatnonzero(score == kth)
         tied = tied[np.argsort(-keys[tied], kind="stable")[: need - below.size]]
-        cand = np.concatenate([below, tied])
-        cand = cand[np.lexsort((-keys[cand], score[cand]))]
-        return np.concatenate([free, usable[cand]]).astype(np.int64)
+        cand = usable[np.concatenate([below, tied])]
+        gone = self.key_of[cand]
+        self.slot_of[gone] = -1
+        self.key_of[cand] = -1
+        self.evictions += int(cand.size)
+        self._push_free(cand)
+        return gone

@@ -65,7 +65,5 @@ class DramTier:
         """Forget slots that a failed load was filling (their bytes are not valid)."""
         slots = slots[self.ready[slots] == load_id]
         if slots.size:
-            keys = self.policy.key_of[slots]
-            self.policy.slot_of[keys[keys >= 0]] = -1
-            self.policy.key_of[slots] = -1
+            self.policy.forget(slots)
             self.ready[slots] = 0

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from functools import lru_cache
 
@@ -134,8 +135,15 @@ class RefSlotLRU:
                 return self.last[s]
             return self.count.get(self.key_of[s], 0) / self.clock + self.recency / (float(self.clock + 1) - self.last[s])
 
-        used = sorted((score(s), -self.key_of[s], s) for s in range(self.cap) if self.key_of[s] >= 0 and self.pins[s] == 0)
-        victims = (free + [s for _, _, s in used])[: len(misses)]
+        if len(free) < len(misses):
+            # Batched eviction: one choice evicts at least ceil(capacity / 64) rows of lowest score;
+            # the surplus stays free for later misses.
+            used = sorted((score(s), -self.key_of[s], s) for s in range(self.cap) if self.key_of[s] >= 0 and self.pins[s] == 0)
+            for _, _, s in used[: max(len(misses) - len(free), math.ceil(self.cap / 64))]:
+                del self.slot_of[self.key_of[s]]
+                self.key_of[s] = -1
+            free = [s for s in range(self.cap) if self.key_of[s] < 0]
+        victims = free[: len(misses)]
         if len(victims) < len(misses):  # cache the hottest (lowest) keys, in request order
             misses = sorted(sorted(misses, key=lambda i: keys[i])[: len(victims)])
         for i, s in zip(misses, victims):
