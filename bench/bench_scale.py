@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -25,20 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engram_store  # noqa: E402
 from engram_store.build import build_synthetic, synthetic_rows  # noqa: E402
+from engram_store.pagecache import drop_page_cache  # noqa: E402
 from tools.sizes import parse_size  # noqa: E402
-
-
-def drop_caches(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    if os.geteuid() == 0:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def main() -> int:
@@ -65,7 +52,7 @@ def main() -> int:
         build = build_synthetic(out, rows=rows, dim=args.dim, backend=args.backend, overwrite=True)
     build_rss = psutil.Process().memory_info().rss - rss0
     if args.drop_caches:
-        drop_caches(out)
+        drop_page_cache([out])
 
     dram = parse_size(args.dram)
     rng = np.random.default_rng(0)

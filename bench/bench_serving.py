@@ -54,6 +54,7 @@ from engram_model.model import EngramLM, ModelConfig  # noqa: E402
 from engram_model.serving import load_served  # noqa: E402
 from engram_store.build import build_from_checkpoint  # noqa: E402
 from engram_store.counts import count_corpus  # noqa: E402
+from engram_store.pagecache import drop_page_cache  # noqa: E402
 
 PREP_VERSION = 1
 
@@ -164,18 +165,6 @@ def prepare(args) -> dict:
 def _table_bytes(ck, dtype: str) -> int:
     item = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     return sum(t.shape[0] * t.shape[1] * item for t in ck.engram_tables().values())
-
-
-def drop_caches(store_dir: Path) -> None:
-    """Evict the store's files from the page cache (posix_fadvise DONTNEED: no root needed)."""
-    for f in Path(store_dir).rglob("*"):
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -345,7 +334,7 @@ def main(argv=None) -> int:
     def run(phase, name, fn):
         m = models[name]
         if args.drop_caches and name in stores:
-            drop_caches(prep["store"])
+            drop_page_cache([prep["store"]])
         t = fn(m)
         if name in stores:
             timers[name][phase].append(m.serving_timer.summary())

@@ -44,24 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engram_store  # noqa: E402
 from engram_store.disk_lmdb import encode_block  # noqa: E402
 from engram_store.format import DTYPES, LMDB_BLOCK_BYTES  # noqa: E402
-
-
-def drop_caches(paths: list[Path]) -> None:
-    for p in paths:
-        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
-        for f in files:
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    if os.geteuid() == 0:
-        try:
-            os.sync()
-            Path("/proc/sys/vm/drop_caches").write_text("1\n")
-        except OSError:
-            pass
+from engram_store.pagecache import drop_page_cache as drop_caches  # noqa: E402
 
 
 def raw_pread(fd: int, ranks: np.ndarray, rb: int, pool: ThreadPoolExecutor, threads: int) -> list[bytes]:
