@@ -168,3 +168,20 @@ def test_bad_input_is_one_clear_line(world, tmp_path, capsys):
     # Nothing half-written.
     assert not (tmp_path / "s").exists() and not (tmp_path / "s2").exists() and not out.exists()
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_build_shards_and_join_back(world, tmp_path):
+    root, ckpt, corpus, counts = world
+    sharded = tmp_path / "sharded"
+    assert main(["build", "--checkpoint", str(ckpt), "--counts", str(counts), "--shards", "3",
+                 "--dram", "4KiB", "-o", str(sharded), "--no-progress"]) == 0
+    assert sorted(p.name for p in sharded.iterdir() if p.is_dir()) == [f"shard-{i}-of-3" for i in range(3)]
+    for i in range(3):
+        assert main(["verify", str(sharded / f"shard-{i}-of-3"), "--no-progress"]) == 0
+    out = tmp_path / "joined.safetensors"
+    assert main(["convert", str(sharded), "-o", str(out)]) == 0
+    tables = load_checkpoint(ckpt).engram_tables()
+    joined = load_file(str(out))
+    assert set(joined) == set(tables)
+    for name, t in tables.items():
+        assert torch.equal(joined[name], t)
