@@ -38,25 +38,13 @@ from engram_store.errors import EngramStoreError, InvalidRowIdsError
 from engram_store.sharded import (
     DEFAULT_TIMEOUT_S,
     CollectiveOrderError,
+    DoneHandle,
     Exchange,
     Route,
     peer_failure,
     shard_rows,
     table_tag,
 )
-
-
-class _Done:
-    """An already-finished Pending (the MemoryTable protocol's handle)."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        self._value = value
-
-    def done(self) -> bool:
-        return True
-
-    def wait(self, timeout: float | None = None) -> torch.Tensor:
-        return self._value
 
 
 class _ShardedGather(torch.autograd.Function):
@@ -133,8 +121,8 @@ class ShardedEmbedding(nn.Module):
         self._failed: BaseException | None = None
 
     # -- the MemoryTable protocol
-    def prefetch(self, row_ids: torch.Tensor) -> _Done:
-        return _Done(self(row_ids))
+    def prefetch(self, row_ids: torch.Tensor) -> DoneHandle:
+        return DoneHandle(self(row_ids))
 
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Rows for global ``row_ids`` (any shape) -> ``[*row_ids.shape, dim]``, differentiable."""

@@ -23,8 +23,9 @@ import lmdb
 import numpy as np
 import zstandard
 
+from .disk_blocks import BlockDisk
 from .errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
-from .format import LMDB_DIR, TableInfo, crc32, read_rows, shuffle_bytes
+from .format import LMDB_DIR, TableInfo, crc32, shuffle_bytes
 
 
 def block_key(table: str, block: int) -> bytes:
@@ -60,7 +61,7 @@ class _Table:
         return min(self.br, self.info.rows - b * self.br) * self.rb
 
 
-class LmdbDisk:
+class LmdbDisk(BlockDisk):
     """All tables of one lmdb-backend store."""
 
     backend = "lmdb"
@@ -177,33 +178,6 @@ class LmdbDisk:
                 out.reshape(-1, t.itemsize)[...] = src.reshape(t.itemsize, -1).T
             else:
                 out[...] = src
-
-    def _parallel(self, t: _Table, blocks: np.ndarray, buf: np.ndarray) -> int:
-        n = blocks.size
-        parts = min(self.io_threads, n)
-        if parts <= 1:
-            return self._read_blocks(t, blocks, buf, 0, n)
-        edges = np.linspace(0, n, parts + 1).astype(int)
-        futs = [self.pool.submit(self._read_blocks, t, blocks, buf, int(edges[i]), int(edges[i + 1]))
-                for i in range(parts)]
-        return sum(f.result() for f in futs)
-
-    def read(self, table: str, ranks: np.ndarray) -> tuple[np.ndarray, int]:
-        t = self.tables[table]
-        ranks = np.asarray(ranks, dtype=np.int64)
-        if ranks.size == 0:
-            return np.empty((0, t.rb), np.uint8), 0
-        return read_rows(self._parallel, t, ranks)  # in chunks of READ_CHUNK_BYTES of blocks
-
-    def read_range(self, table: str, start: int, stop: int) -> np.ndarray:
-        t = self.tables[table]
-        if stop <= start:
-            return np.empty((0, t.rb), np.uint8)
-        b0, b1 = start // t.br, -(-stop // t.br)
-        blocks = np.arange(b0, b1, dtype=np.int64)
-        buf = np.empty((blocks.size, t.br * t.rb), np.uint8)
-        self._parallel(t, blocks, buf)
-        return buf.reshape(-1, t.rb)[start - b0 * t.br: stop - b0 * t.br]
 
     def write(self, table: str, ranks: np.ndarray, rows: np.ndarray) -> None:
         """Replace rows ``ranks`` (sorted, unique) in one write transaction."""

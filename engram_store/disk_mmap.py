@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .disk_blocks import BlockDisk
 from .errors import StoreCorruptError, StoreNotFoundError
-from .format import TableInfo, crc32, fsync_dir, read_rows
+from .format import TableInfo, crc32, fsync_dir
 
 JOURNAL = "journal"
 _JOURNAL_MAGIC = b"ESJ1"
@@ -84,7 +85,7 @@ class _Table:
         return min(self.br, self.info.rows - b * self.br) * self.rb
 
 
-class MmapDisk:
+class MmapDisk(BlockDisk):
     """All tables of one mmap-backend store. ``pool`` runs the parallel reads."""
 
     backend = "mmap"
@@ -134,36 +135,6 @@ class MmapDisk:
                 return False
         t.crc[b] = c
         return True
-
-    def _parallel(self, t: _Table, blocks: np.ndarray, buf: np.ndarray) -> int:
-        n = blocks.size
-        parts = min(self.io_threads, n)
-        if parts <= 1:
-            return self._read_blocks(t, blocks, buf, 0, n)
-        edges = np.linspace(0, n, parts + 1).astype(int)
-        futs = [self.pool.submit(self._read_blocks, t, blocks, buf, int(edges[i]), int(edges[i + 1]))
-                for i in range(parts)]
-        return sum(f.result() for f in futs)
-
-    def read(self, table: str, ranks: np.ndarray) -> tuple[np.ndarray, int]:
-        """Rows ``ranks`` (int64, any order, unique or not) as uint8 ``[n, row_bytes]``, and bytes read."""
-        t = self.tables[table]
-        ranks = np.asarray(ranks, dtype=np.int64)
-        if ranks.size == 0:
-            return np.empty((0, t.rb), np.uint8), 0
-        return read_rows(self._parallel, t, ranks)  # in chunks of READ_CHUNK_BYTES of blocks
-
-    def read_range(self, table: str, start: int, stop: int) -> np.ndarray:
-        """Rows of ranks ``[start, stop)`` as uint8 ``[stop-start, row_bytes]`` (verified)."""
-        t = self.tables[table]
-        if stop <= start:
-            return np.empty((0, t.rb), np.uint8)
-        b0, b1 = start // t.br, -(-stop // t.br)
-        blocks = np.arange(b0, b1, dtype=np.int64)
-        buf = np.empty((blocks.size, t.br * t.rb), np.uint8)
-        self._parallel(t, blocks, buf)
-        flat = buf.reshape(-1, t.rb)
-        return flat[start - b0 * t.br: stop - b0 * t.br]
 
     # -- writes --------------------------------------------------------------------------
     def write(self, table: str, ranks: np.ndarray, rows: np.ndarray) -> None:

@@ -648,7 +648,9 @@ class ShardedStore:
         self.close()
 
 
-class _Done:
+class DoneHandle:
+    """An already-finished handle (the MemoryTable protocol's Pending) holding its rows."""
+
     def __init__(self, value: torch.Tensor) -> None:
         self._value = value
 
