@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +147,16 @@ class StoreMachine(RuleBasedStateMachine):
                     self._check(h.wait(), want)
                 self.handles.clear()
                 gc.collect()
-                self.store.stats()  # drains queued releases
-                for t in self.store._t.values():
-                    assert int(t.dram.policy.pins.sum()) == 0, "a handle's pins were never released"
+                # A dropped handle's pins are released when its read finishes (a done-callback
+                # queues the release, the next store call drains it): wait for that, boundedly.
+                deadline = time.monotonic() + 10.0
+                while True:
+                    self.store.stats()  # drains queued releases
+                    pinned = sum(int(t.dram.policy.pins.sum()) for t in self.store._t.values())
+                    if pinned == 0 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.01)
+                assert pinned == 0, "a handle's pins were never released"
                 self.store.close()
         finally:
             shutil.rmtree(self.tmp, ignore_errors=True)
