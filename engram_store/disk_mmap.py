@@ -36,7 +36,7 @@ import numpy as np
 
 from .disk_blocks import BlockDisk
 from .errors import StoreCorruptError, StoreNotFoundError
-from .format import TableInfo, crc32, fsync_dir
+from .format import TableInfo, crc32, fsync_path
 
 JOURNAL = "journal"
 _JOURNAL_MAGIC = b"ESJ1"
@@ -158,7 +158,7 @@ class MmapDisk(BlockDisk):
             self._write_journal(records)
             self._apply(records)
             (self.root / JOURNAL).unlink()
-            fsync_dir(self.root)
+            fsync_path(self.root)
 
     def _write_journal(self, records) -> None:
         parts = []
@@ -174,7 +174,7 @@ class MmapDisk(BlockDisk):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.root / JOURNAL)
-        fsync_dir(self.root)
+        fsync_path(self.root)
 
     def _apply(self, records) -> None:
         touched = set()
@@ -220,7 +220,7 @@ class MmapDisk(BlockDisk):
             for t in tables.values():
                 os.close(t.fd)
         jpath.unlink()
-        fsync_dir(self.root)
+        fsync_path(self.root)
 
     def close(self) -> None:
         for t in self.tables.values():

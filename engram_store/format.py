@@ -243,7 +243,8 @@ def read_rows(parallel, t, ranks: np.ndarray) -> tuple[np.ndarray, int]:
     return out, moved
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames and new names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -60,6 +60,7 @@ from engram_store.errors import (
     StoreNotFoundError,
     UnknownTableError,
 )
+from engram_store.format import fsync_path
 
 OWNER_FUNCTION = "row_mod_n"  # owner = row % n, local index = row // n
 LAYOUT_FILE = "shards.json"
@@ -293,16 +294,11 @@ def _write_json_fsync(path: Path, obj: Any) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Best effort: some file systems refuse to fsync a directory; the shard stores are already synced."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
+        fsync_path(path)
     except OSError:
         pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- the exchange

@@ -26,21 +26,13 @@ import zstandard
 from .errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreWriteError
 from .format import (
     BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LMDB_DIR, MANIFEST, TableInfo, block_rows_for,
-    check_table_name, crc32, dtype_from_any, fsync_dir, manifest_bytes, remap_dtype, seal_manifest,
+    check_table_name, crc32, dtype_from_any, fsync_path, manifest_bytes, remap_dtype, seal_manifest,
 )
 
 # Byte-shuffling before zstd: measured by bench/bench_tiers.py (see docs/readme_store.md);
 # the winner is the default and is recorded per table in the manifest.
 DEFAULT_SHUFFLE = True
 DEFAULT_LEVEL = 3
-
-
-def _fsync_file(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -211,7 +203,7 @@ class StoreWriter:
             raise self._write_failed(e) from e
         if self.path.exists() and _exchange(self.tmp, self.path):
             # The new store took the old one's place in one step; the old one is now at tmp.
-            fsync_dir(self.path.parent)
+            fsync_path(self.path.parent)
             shutil.rmtree(self.tmp, ignore_errors=True)
             self._done = True
             return self.path
@@ -220,7 +212,7 @@ class StoreWriter:
             old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
             os.rename(self.path, old)
         os.rename(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        fsync_path(self.path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
@@ -244,12 +236,12 @@ class StoreWriter:
                 entry.update(rows_file=f"{name}.rows", crc_file=f"{name}.crc32", checksum="crc32")
                 crc_path = self.tmp / f"{name}.crc32"
                 crc_path.write_bytes(np.asarray(st.crcs, dtype="<u4").tobytes())
-                _fsync_file(crc_path)
+                fsync_path(crc_path)
             else:
                 entry.update(codec="zstd", level=self.level, shuffle=self.shuffle, checksum="crc32")
             rpath = self.tmp / f"{name}.remap.npy"
             np.save(rpath, st.remap, allow_pickle=False)
-            _fsync_file(rpath)
+            fsync_path(rpath)
             entry["remap_crc32"] = crc32(rpath.read_bytes())
             tables[name] = entry
         if self._env is not None:
@@ -257,16 +249,16 @@ class StoreWriter:
             self._env.close()
             self._env = None
             for p in (self.tmp / LMDB_DIR).iterdir():
-                _fsync_file(p)
-            fsync_dir(self.tmp / LMDB_DIR)
+                fsync_path(p)
+            fsync_path(self.tmp / LMDB_DIR)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "backend": self.backend,
                     "fingerprint": self.fingerprint, "tier_plan": self.tier_plan, "tables": tables}
         if self.backend == "lmdb":
             manifest["lmdb_dir"] = LMDB_DIR
         mpath = self.tmp / MANIFEST
         mpath.write_bytes(manifest_bytes(seal_manifest(manifest)))
-        _fsync_file(mpath)
-        fsync_dir(self.tmp)
+        fsync_path(mpath)
+        fsync_path(self.tmp)
 
     def abort(self) -> None:
         for f in self._files.values():
