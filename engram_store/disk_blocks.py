@@ -8,16 +8,33 @@ verify whole blocks into a buffer). Everything above that is here once.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from .format import read_rows
 
 
+class BlockTable:
+    """A table's block geometry: ``br`` rows per block of ``rb``-byte rows, ``info.rows`` in all."""
+
+    br: int
+    rb: int
+    info: object
+
+    def block_len(self, b: int) -> int:
+        """Bytes of block ``b`` (the last block may be short)."""
+        return min(self.br, self.info.rows - b * self.br) * self.rb
+
+
 class BlockDisk:
-    pool: ThreadPoolExecutor
-    io_threads: int
     tables: dict
+
+    def __init__(self, root, pool: ThreadPoolExecutor, io_threads: int, verify_reads: bool) -> None:
+        self.root = Path(root)
+        self.pool = pool
+        self.io_threads = max(1, int(io_threads))
+        self.verify = verify_reads
 
     def _read_blocks(self, t, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf`` (verified); returns bytes read."""

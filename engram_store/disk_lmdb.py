@@ -23,7 +23,7 @@ import lmdb
 import numpy as np
 import zstandard
 
-from .disk_blocks import BlockDisk
+from .disk_blocks import BlockDisk, BlockTable
 from .errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
 from .format import LMDB_DIR, TableInfo, crc32, shuffle_bytes
 
@@ -46,7 +46,7 @@ def open_env(path: Path, *, readonly: bool = False, map_size: int | None = None)
                      max_readers=512, max_dbs=0, readahead=False, meminit=False, sync=True)
 
 
-class _Table:
+class _Table(BlockTable):
     def __init__(self, name: str, info: TableInfo, entry: dict) -> None:
         self.name = name
         self.info = info
@@ -57,9 +57,6 @@ class _Table:
         self.level = int(entry.get("level", 3))
         self.n_blocks = -(-info.rows // self.br) if info.rows else 0
 
-    def block_len(self, b: int) -> int:
-        return min(self.br, self.info.rows - b * self.br) * self.rb
-
 
 class LmdbDisk(BlockDisk):
     """All tables of one lmdb-backend store."""
@@ -68,10 +65,7 @@ class LmdbDisk(BlockDisk):
 
     def __init__(self, root: Path, manifest: dict, infos: dict[str, TableInfo], pool: ThreadPoolExecutor,
                  io_threads: int, verify_reads: bool = True) -> None:
-        self.root = Path(root)
-        self.pool = pool
-        self.io_threads = max(1, int(io_threads))
-        self.verify = verify_reads
+        super().__init__(root, pool, io_threads, verify_reads)
         env_path = self.root / manifest.get("lmdb_dir", LMDB_DIR)
         if not (env_path / "data.mdb").is_file():
             raise StoreNotFoundError(f"store {str(root)!r} is missing {env_path.name}/data.mdb: rebuild the store")

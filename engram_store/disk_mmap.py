@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .disk_blocks import BlockDisk
+from .disk_blocks import BlockDisk, BlockTable
 from .errors import StoreCorruptError, StoreNotFoundError
 from .format import TableInfo, crc32, fsync_path
 
@@ -53,7 +53,7 @@ def _dir_lock(root: Path, mode: int):
         os.close(fd)  # releases the lock
 
 
-class _Table:
+class _Table(BlockTable):
     def __init__(self, root: Path, name: str, info: TableInfo, entry: dict) -> None:
         self.name = name
         self.info = info
@@ -81,9 +81,6 @@ class _Table:
         if hasattr(os, "posix_fadvise"):  # random access: no readahead past the block we need
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
-    def block_len(self, b: int) -> int:
-        return min(self.br, self.info.rows - b * self.br) * self.rb
-
 
 class MmapDisk(BlockDisk):
     """All tables of one mmap-backend store. ``pool`` runs the parallel reads."""
@@ -92,10 +89,7 @@ class MmapDisk(BlockDisk):
 
     def __init__(self, root: Path, manifest: dict, infos: dict[str, TableInfo], pool: ThreadPoolExecutor,
                  io_threads: int, verify_reads: bool = True) -> None:
-        self.root = Path(root)
-        self.pool = pool
-        self.io_threads = max(1, int(io_threads))
-        self.verify = verify_reads
+        super().__init__(root, pool, io_threads, verify_reads)
         self._replay_journal(manifest, infos)
         self.tables = {n: _Table(self.root, n, infos[n], manifest["tables"][n]) for n in infos}
 
