@@ -115,27 +115,30 @@ def expand_corpus(paths: Iterable[str | os.PathLike]) -> list[Path]:
 class _Counter:
     """Per-process state: the checkpoint's tokenizer, compression and hasher."""
 
-    def __init__(self, checkpoint: str, hash_only: bool = True) -> None:
+    def __init__(self, checkpoint: str) -> None:
         from engram_model.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
         self.tokenizer = ckpt.tokenizer
         self.compression = ckpt.compression
         self.hasher = ckpt.hasher
-        self.layers = list(ckpt.hash_config.layer_ids)
-        self.rows = {layer: int(self.hasher.table_rows[layer]) for layer in self.layers}
+        self.rows = {layer: int(self.hasher.table_rows[layer]) for layer in ckpt.hash_config.layer_ids}
 
     def token_ids(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
 
-    def count(self, texts: list[str], hash_rows: bool = True) -> tuple[dict[str, np.ndarray], int, dict]:
-        """Counts of ``texts``, their token count, and seconds spent tokenizing vs hashing+counting."""
+    def zeros(self) -> dict[str, np.ndarray]:
+        """Empty totals, one int64 array per table."""
+        return {f"layer{layer}": np.zeros(n, dtype=np.int64) for layer, n in self.rows.items()}
+
+    def count(self, texts: list[str], totals: dict[str, np.ndarray], hash_rows: bool = True) -> tuple[int, dict]:
+        """Add the row accesses of ``texts`` into ``totals`` (in place, so a small file costs no pass over
+        the tables); return their token count and seconds spent tokenizing vs hashing+counting."""
         import torch
 
         t0 = time.perf_counter()
         encoded = self.token_ids(texts)
         t1 = time.perf_counter()
-        totals = {f"layer{layer}": np.zeros(self.rows[layer], dtype=np.int64) for layer in self.layers}
         n_tokens = 0
         for ids in encoded:
             n_tokens += ids.size
@@ -144,7 +147,7 @@ class _Counter:
             compressed = torch.from_numpy(np.asarray(self.compression.compress(ids), dtype=np.int64))[None]
             for layer, rows in self.hasher.row_ids(compressed).items():
                 _accumulate(totals[f"layer{layer}"], rows.reshape(-1).numpy())
-        return totals, n_tokens, {"tokenize": t1 - t0, "hash_count": time.perf_counter() - t1}
+        return n_tokens, {"tokenize": t1 - t0, "hash_count": time.perf_counter() - t1}
 
 
 def _accumulate(total: np.ndarray, rows: np.ndarray) -> None:
@@ -167,18 +170,16 @@ def _worker_main(checkpoint: str, files: list[str], hash_rows: bool, out_path: s
 
         torch.set_num_threads(1)  # one process per core does the parallelism
         counter = _Counter(checkpoint)
-        totals = {f"layer{layer}": np.zeros(n, dtype=np.int64) for layer, n in counter.rows.items()}
+        totals = counter.zeros()
         n_tokens = 0
         # Seconds spent on the files themselves (no start-up), split by phase, for throughput figures.
         work = {"total": 0.0, "tokenize": 0.0, "hash_count": 0.0}
         for path in files:
             t = time.perf_counter()
-            part, tokens, phases = counter.count(list(iter_texts([path])), hash_rows)
+            tokens, phases = counter.count(list(iter_texts([path])), totals, hash_rows)
             work["total"] += time.perf_counter() - t
             for k, v in phases.items():
                 work[k] += v
-            for k, v in part.items():
-                totals[k] += v
             n_tokens += tokens
             events.put(("progress", os.path.getsize(path), tokens))
         # Totals go through a file, not the pipe: a table can be hundreds of MB.
