@@ -82,11 +82,11 @@ def run_demo(workdir="engram-demo", *, steps: int | None = None, hbm_fraction: f
     t = time.perf_counter()
     loss_memory = evaluate(ckpt.model, corpus.held_ids, settings)
     seconds_memory = time.perf_counter() - t
-    served = load_checkpoint(ckpt_dir).model
     with open_store(store_dir, device="cpu", hbm_bytes=hbm, dram_bytes=dram, fingerprint=ckpt.fingerprint) as store:
-        served.set_memory({L: store.table(f"layer{L}") for L in ckpt.hash_config.layer_ids})
+        # The same model, its in-memory tables now swapped for the store's (its loss above is taken).
+        ckpt.model.set_memory({L: store.table(f"layer{L}") for L in ckpt.hash_config.layer_ids})
         t = time.perf_counter()
-        loss_store = evaluate(served, corpus.held_ids, settings)
+        loss_store = evaluate(ckpt.model, corpus.held_ids, settings)
         seconds_store = time.perf_counter() - t
         stats = store.stats()
     measured = _tier_rates(stats)
