@@ -1,18 +1,22 @@
-"""Which rows the DRAM tier holds, and in which slab slots: an LRU with pins.
+"""Which rows the DRAM tier holds, and in which slab slots: a recency/frequency cache with holds.
 
 This is pure policy (cachetools' lesson: policy apart from storage). It knows keys
 (the rows' frequency ranks), slots and recency; it never touches row bytes. The store's
 DRAM tier calls it to decide, and the hit-rate simulator in ``bench`` calls the very
 same class, so simulated and measured hit counts agree by construction.
 
-Lookahead: every slot handed out by :meth:`SlotLRU.access` is *pinned* until the caller
-:meth:`release` s it (the store releases when the handle is waited on). A pinned slot is
+Lookahead: the caller *holds* the slots of a batch (:meth:`SlotLRU.hold`, a token) until it
+:meth:`release` s the token (the store releases when the handle is waited on). A held slot is
 never chosen as a victim, so a later prefetch cannot evict rows an earlier, unwaited
-one still needs; eviction takes free slots first, then the unpinned slot of lowest score
-(plain LRU: the least recently used; see :class:`SlotLRU`).
+one still needs; eviction takes free slots first, then the unheld slot of lowest score
+(plain LRU: the least recently used; see :class:`SlotLRU`). Holds are a registry of slot
+arrays, not per-slot counters: a hit costs no pin write, and only an eviction (rare,
+batched) builds the held mask from the registry.
 
 Vectorized over a batch (numpy arrays indexed by key and by slot), no per-row Python
-objects. Memory: 8 bytes per key of the table (4 with ``recency=None``) plus 20 bytes per slot.
+objects. Per key, one 16-byte record ``keys`` (slot, access count, last use), so the store's
+hit path (``hit_path``) touches one cache line per row for all of its bookkeeping. Memory:
+16 bytes per key of the table plus 8 bytes per slot.
 
 Not thread-safe: the store serialises calls behind its own lock.
 """
@@ -22,6 +26,12 @@ from __future__ import annotations
 import numpy as np
 
 _NEVER = np.iinfo(np.int64).max
+
+
+def key_record(slot_dtype) -> np.dtype:
+    """Per-key record: ``slot`` (-1: not cached; the owner may store its own markers < -1 in keys it
+    never passes to the policy), ``acc`` (accesses through this tier) and ``last`` (tick of last use)."""
+    return np.dtype([("slot", slot_dtype), ("acc", np.uint32), ("last", np.int64)], align=True)
 
 
 def _increment(counts: np.ndarray, idx: np.ndarray) -> None:
@@ -46,13 +56,17 @@ class SlotLRU:
     rows. On hashed N-gram traces this lifts the hit rate by 3–5 points of Belady's
     optimum over LRU (bench/README). Ties (equal scores): the highest key (coldest rank) first.
 
-    ``admit_below``: misses whose key is ``>= admit_below`` are served but not cached
-    (keys are frequency ranks, so this keeps one-off cold rows from flushing warm ones);
-    ``None`` admits every miss.
+    ``order``: the frequency rank of each key (``None``: keys are ranks). Ranks break ties and
+    decide admission, so a caller keyed by row id with ``order = remap`` gets exactly the
+    decisions of one keyed by rank.
+
+    ``admit_below``: misses whose rank is ``>= admit_below`` are served but not cached
+    (this keeps one-off cold rows from flushing warm ones); ``None`` admits every miss.
     """
 
     def __init__(self, n_keys: int, capacity: int, *, admit_below: int | None = None,
-                 recency: float | None = 0.1, evict_fraction: float = 1 / 64) -> None:
+                 recency: float | None = 0.1, evict_fraction: float = 1 / 64,
+                 order: np.ndarray | None = None) -> None:
         if capacity < 0 or n_keys < 0:
             raise ValueError(f"n_keys and capacity must be >= 0, got {n_keys}, {capacity}")
         if recency is not None and not recency >= 0:
@@ -61,13 +75,19 @@ class SlotLRU:
         self.capacity = int(min(capacity, n_keys))
         self.admit_below = admit_below
         self.recency = recency
-        # key -> accesses seen by this tier (only kept for the frequency score)
-        self.accesses = np.zeros(self.n_keys if recency is not None else 0, dtype=np.uint32)
-        index_dtype = np.int32 if self.capacity < 2**31 - 1 else np.int64
-        self.slot_of = np.full(self.n_keys, -1, dtype=index_dtype)  # key -> slot or -1
+        if order is not None and np.shape(order) != (self.n_keys,):
+            raise ValueError(f"order must hold one rank per key ({self.n_keys}), got shape {np.shape(order)}")
+        self.order = order
+        # slot field wide enough for slots and for an owner's markers (-2 - rank < -1)
+        index_dtype = np.int32 if max(self.capacity, self.n_keys) < 2**31 - 2 else np.int64
+        self.keys = np.zeros(self.n_keys, dtype=key_record(index_dtype))
+        self.keys["slot"] = -1
+        self.slot_of = self.keys["slot"]  # key -> slot or -1 (views of the records)
+        self.accesses = self.keys["acc"]  # key -> accesses seen by this tier (the frequency score)
+        self.last_use = self.keys["last"]  # key -> tick of last access
         self.key_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> key or -1 (free)
-        self.last_use = np.full(self.capacity, -1, dtype=np.int64)  # slot -> tick of last access
-        self.pins = np.zeros(self.capacity, dtype=np.int32)  # slot -> outstanding handles naming it
+        self._held: dict[int, np.ndarray] = {}  # token -> slots an outstanding batch holds
+        self._tokens = 0
         # Free slots as a stack (lowest slot on top), so finding one is O(1), not a scan of the tier.
         self._free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)
         self._n_free = self.capacity
@@ -92,83 +112,79 @@ class SlotLRU:
         return self.capacity - self._n_free
 
     # -- the one mutating call on the hot path -----------------------------------------
-    def access(self, keys: np.ndarray, pin: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def access(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Look up *unique* ``keys``; admit the misses that can be cached.
 
         Returns ``(slots, hit, evicted_keys)``: ``slots[i]`` is where key ``i`` lives now
         (-1: a miss not cached, the caller serves it from disk without caching), ``hit[i]``
         whether it was already cached, and the keys whose slots were taken. The caller must
-        fill the slots of admitted misses (``~hit & (slots >= 0)``) before anyone reads them.
-        With ``pin``, every returned slot >= 0 is pinned until :meth:`release`.
+        fill the slots of admitted misses (``~hit & (slots >= 0)``) before anyone reads them,
+        and :meth:`hold` the slots for as long as it needs them (before any other call).
         """
         keys = np.asarray(keys, dtype=np.int64)
         slots = self.slot_of[keys].astype(np.int64)
-        if slots.size and slots.min() >= 0:  # every key hits: none of the miss work
-            self.hit(keys, slots, pin)
-            return slots, np.ones(slots.size, dtype=bool), np.empty(0, dtype=np.int64)
         self.clock += 1
         if self.recency is not None:
             _increment(self.accesses, keys)  # keys are unique
         hit = slots >= 0
-        hit_slots = slots[hit]
-        self.last_use[hit_slots] = self.clock
-        # Hits are pinned at least for this call, so its own misses never evict them.
-        _increment(self.pins, hit_slots)  # keys are unique, so slots are too
-        n_hit = int(hit_slots.size)
+        n_hit = int(np.count_nonzero(hit))
         self.hits += n_hit
         self.misses += int(keys.size) - n_hit
+        if n_hit == keys.size:  # every key hits: none of the miss work
+            self.last_use[keys] = self.clock
+            return slots, hit, np.empty(0, dtype=np.int64)
+        self.last_use[keys[hit]] = self.clock
 
         miss_idx = np.flatnonzero(~hit)
         if self.admit_below is not None:
-            miss_idx = miss_idx[keys[miss_idx] < self.admit_below]
+            miss_idx = miss_idx[self._rank(keys[miss_idx]) < self.admit_below]
         evicted = np.empty(0, dtype=np.int64)
         if miss_idx.size and self.capacity:
-            victims, evicted = self._victims(int(miss_idx.size))
+            # this call's hits are held at least for the call, so its own misses never evict them
+            victims, evicted = self._victims(int(miss_idx.size), slots[hit])
             if victims.size < miss_idx.size:
-                # Not enough unpinned slots: cache the hottest misses (lowest rank).
-                order = np.argsort(keys[miss_idx], kind="stable")
+                # Not enough unheld slots: cache the hottest misses (lowest rank).
+                order = np.argsort(self._rank(keys[miss_idx]), kind="stable")
                 miss_idx = np.sort(miss_idx[order[: victims.size]])
             new_keys = keys[miss_idx]
             self.key_of[victims] = new_keys
             self.slot_of[new_keys] = victims
-            self.last_use[victims] = self.clock
-            if pin:
-                self.pins[victims] += 1
+            self.last_use[new_keys] = self.clock
             slots[miss_idx] = victims
-        if not pin:
-            self.pins[hit_slots] -= 1
         self.bypassed += int(np.count_nonzero(slots < 0))
         return slots, hit, evicted
 
-    def hit(self, keys: np.ndarray, slots: np.ndarray, pin: bool = True, n_distinct: int | None = None) -> None:
-        """``access(unique(keys), pin)`` for a call in which every key hits, given ``slots = slot_of[keys]``.
+    def hold(self, slots: np.ndarray) -> int:
+        """Protect ``slots`` (entries < 0 ignored; repeats allowed) from eviction until :meth:`release`
+        of the returned token. O(1): the array is kept by reference and must not change meanwhile."""
+        self._tokens += 1
+        self._held[self._tokens] = slots
+        return self._tokens
 
-        The same state change as :meth:`access` (clock, access counts, ages, pins, hits), without
-        its miss work; the store calls it when it already knows every row is cached. ``keys`` may
-        repeat (every slot >= 0): a repeated key is counted, aged and pinned once, as in
-        ``access`` of the distinct keys, whose number the caller passes as ``n_distinct``
-        (default: ``keys`` are unique). :meth:`release` of the same ``slots`` unpins each once.
-        """
-        self.clock += 1
-        if self.recency is not None:
-            _increment(self.accesses, keys)
-        self.last_use[slots] = self.clock
-        if pin:
-            _increment(self.pins, slots)
-        self.hits += int(keys.size) if n_distinct is None else int(n_distinct)
+    def release(self, token: int) -> None:
+        """End the hold ``token`` (from :meth:`hold`)."""
+        if self._held.pop(token, None) is None:
+            raise AssertionError(f"release of hold {token}, which is not held: a handle was released twice")
 
-    def release(self, slots: np.ndarray) -> None:
-        """Unpin slots returned by one :meth:`access` (or given to one :meth:`hit`) call; entries < 0
-        are ignored. A gather / subtract / scatter: a slot repeated in ``slots`` is unpinned once,
-        just as :meth:`hit` pinned it once."""
-        slots = np.asarray(slots)
-        if slots.size and slots.min() < 0:
-            slots = slots[slots >= 0]
-        held = self.pins[slots]
-        if held.size and held.min() <= 0:
-            raise AssertionError("release of a slot that is not pinned: a handle was released twice")
-        held -= 1
-        self.pins[slots] = held
+    @property
+    def pins(self) -> np.ndarray:
+        """Per slot, how many outstanding holds name it (diagnostics; O(held rows))."""
+        out = np.zeros(self.capacity, dtype=np.int64)
+        for s in self._held.values():
+            s = np.unique(s)
+            out[s[s >= 0]] += 1
+        return out
+
+    def _held_mask(self, extra: np.ndarray | None = None) -> np.ndarray:
+        mask = np.zeros(self.capacity, dtype=bool)
+        for s in [*self._held.values(), *([] if extra is None else [extra])]:
+            if s.size and s.min() < 0:
+                s = s[s >= 0]
+            mask[s] = True
+        return mask
+
+    def _rank(self, keys: np.ndarray) -> np.ndarray:
+        return keys if self.order is None else self.order[keys]
 
     def warm(self, keys: np.ndarray) -> np.ndarray:
         """Place ``keys`` (unique, not yet cached) in free slots, oldest first; returns their slots.
@@ -183,7 +199,7 @@ class SlotLRU:
         self.slot_of[taken] = free
         # Warm rows start older than anything touched later, the hottest (first) newest; calls
         # continue each other's ages, so warming in chunks equals one call with all the keys.
-        self.last_use[free] = -1 - self.warmed - np.arange(free.size, dtype=np.int64)
+        self.last_use[taken] = -1 - self.warmed - np.arange(free.size, dtype=np.int64)
         self.warmed += int(free.size)
         out = np.full(keys.size, -1, dtype=np.int64)
         out[: free.size] = free
@@ -215,9 +231,9 @@ class SlotLRU:
         self._free[: merged.size] = merged
         self._n_free = merged.size
 
-    def _victims(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``k`` slots to reuse, and the keys evicted to free them: free ones first, then unpinned ones of lowest score (LRU:
-        oldest); among equal scores, the highest key (the coldest rank) first.
+    def _victims(self, k: int, also_held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` slots to reuse, and the keys evicted to free them: free ones first, then unheld ones
+        (``also_held`` counts as held) of lowest score (LRU: oldest); among equal scores, the coldest rank first.
 
         When the free slots do not cover ``k``, one pass over the tier evicts
         ``max(k - free, evict_batch)`` rows of lowest score; the surplus stays free for later
@@ -226,25 +242,26 @@ class SlotLRU:
         same hits."""
         evicted = np.empty(0, dtype=np.int64)
         if self._n_free < k:
-            evicted = self._evict(max(k - self._n_free, self.evict_batch))
+            evicted = self._evict(max(k - self._n_free, self.evict_batch), also_held)
         return self._pop_free(k), evicted
 
-    def _evict(self, n: int) -> np.ndarray:
-        """Evict up to ``n`` unpinned rows of lowest score; their slots become free. Returns their keys."""
-        usable = np.flatnonzero((self.pins == 0) & (self.key_of >= 0))
+    def _evict(self, n: int, also_held: np.ndarray | None = None) -> np.ndarray:
+        """Evict up to ``n`` unheld rows of lowest score; their slots become free. Returns their keys."""
+        usable = np.flatnonzero(~self._held_mask(also_held) & (self.key_of >= 0))
         need = min(n, usable.size)
         if need == 0:
             return np.empty(0, dtype=np.int64)
         keys = self.key_of[usable]
+        last = self.last_use[keys]
         if self.recency is None:
-            score = self.last_use[usable]
+            score = last
         else:
             score = (self.accesses[keys] / np.float64(self.clock)
-                     + self.recency / (np.float64(self.clock + 1) - self.last_use[usable]))
+                     + self.recency / (np.float64(self.clock + 1) - last))
         kth = np.partition(score, need - 1)[need - 1]  # the need-th smallest score
         below = np.flatnonzero(score < kth)
         tied = np.flatnonzero(score == kth)
-        tied = tied[np.argsort(-keys[tied], kind="stable")[: need - below.size]]
+        tied = tied[np.argsort(-self._rank(keys[tied]), kind="stable")[: need - below.size]]
         cand = usable[np.concatenate([below, tied])]
         gone = self.key_of[cand]
         self.slot_of[gone] = -1

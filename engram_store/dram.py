@@ -1,7 +1,9 @@
 """The DRAM tier: a host slab of ``capacity`` row slots, placed by :class:`SlotLRU`.
 
-The policy (``cache_policy.SlotLRU``, keys = frequency ranks) decides hits, admissions,
-victims and pins; this module only holds bytes: ``slab`` (``[capacity, row_bytes]`` uint8,
+The policy (``cache_policy.SlotLRU``, keyed by row id, ranked by the table's remap) decides
+hits, admissions, victims and holds; its per-id records also mark the HBM tier's ids
+(``slot = -2 - rank``), so the hit path (``hit_path``) learns where any id lives from one
+record. This module holds bytes: ``slab`` (``[capacity, row_bytes]`` uint8,
 pinned when the device is CUDA) and ``ready`` (``int64[capacity]``, 0 = the slot's bytes are
 valid, otherwise the id of the load that is filling it). All bookkeeping is NumPy arrays
 indexed by slot or key: no per-row Python objects.
@@ -31,9 +33,19 @@ def rows_view(a: np.ndarray) -> np.ndarray:
 
 
 class DramTier:
-    def __init__(self, n_keys: int, capacity: int, row_bytes: int, pin: bool) -> None:
-        self.policy = SlotLRU(n_keys, capacity)
+    """``capacity`` slots for the ids of a table whose rank is ``>= hbm_rows`` (``remap``: id -> rank)."""
+
+    def __init__(self, remap: np.ndarray, hbm_rows: int, capacity: int, row_bytes: int, pin: bool) -> None:
+        self.policy = SlotLRU(remap.size, capacity, order=remap)
         cap = self.policy.capacity
+        self.hbm_rows = hbm_rows
+        # ids of ranks [0, hbm_rows + cap), by rank: the HBM tier's markers and the warm order
+        stop = hbm_rows + cap
+        sel = np.flatnonzero(remap < stop)
+        self._id_of_rank = np.empty(stop, dtype=np.int64)
+        self._id_of_rank[remap[sel]] = sel
+        h = self._id_of_rank[:hbm_rows]
+        self.policy.slot_of[h] = -2 - np.arange(hbm_rows, dtype=np.int64)
         self.slab = torch.empty((cap, row_bytes), dtype=torch.uint8, pin_memory=pin and cap > 0)
         self.slab_rows = rows_view(self.slab.numpy())  # the same bytes, for np.take
         self.ready = np.zeros(cap, dtype=np.int64)
@@ -42,7 +54,9 @@ class DramTier:
     def capacity(self) -> int:
         return self.policy.capacity
 
-    def warm(self, keys: np.ndarray, rows: np.ndarray) -> None:
+    def warm(self, start: int, rows: np.ndarray) -> None:
+        """Place the rows of ranks ``[start, start + len(rows))`` (all ``>= hbm_rows``), hottest first."""
+        keys = self._id_of_rank[start: start + len(rows)]
         slots = self.policy.warm(keys)
         ok = slots >= 0
         if ok.any():
@@ -53,7 +67,7 @@ class DramTier:
             self.slab[torch.from_numpy(slots)] = torch.from_numpy(np.ascontiguousarray(rows))
 
     def refresh(self, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Overwrite the cached copies of ``keys`` (those that are cached) with ``rows``."""
+        """Overwrite the cached copies of ids ``keys`` (those that are cached) with ``rows``."""
         if not keys.size or not self.capacity:
             return
         slots = self.policy.slots(keys)

@@ -173,16 +173,16 @@ def _simulate_ours(trace: Trace, caps: dict[str, int], ranks: dict[str, np.ndarr
     outstanding: deque = deque()
     for table, ids in trace.requests:
         if len(outstanding) >= window:
-            t, slots = outstanding.popleft()
-            lrus[t].release(slots)
+            t, token = outstanding.popleft()
+            lrus[t].release(token)
         rk = ranks[table][ids]
         in_hbm = rk < hbm[table]
         hbm_hits[table] += int(np.count_nonzero(in_hbm))
-        slots, _, _ = lrus[table].access(rk[~in_hbm], pin=True)
-        outstanding.append((table, slots))
+        slots, _, _ = lrus[table].access(rk[~in_hbm])
+        outstanding.append((table, lrus[table].hold(slots)))
     while outstanding:
-        t, slots = outstanding.popleft()
-        lrus[t].release(slots)
+        t, token = outstanding.popleft()
+        lrus[t].release(token)
     return hbm, hbm_hits, {t: lru.hits for t, lru in lrus.items()}
 
 

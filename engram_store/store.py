@@ -12,12 +12,14 @@ Thread-safety (the rules, stated once):
 * ``Handle.wait`` / ``done`` from any thread, any number of times.
 * The store's pools never take the store lock, so ``wait()`` can never deadlock against it.
 
-Data path of one prefetch: ids -> ``np.unique`` -> ``rank = remap[id]`` -> ``rank < H``: HBM
-tier; else ``SlotLRU.access`` (pins every returned slot): hits are gathered from the slab
-(after waiting for a slot still being filled by an earlier load), misses are read from disk
-by a job on the pool, which first copies the admitted ones into their slots and marks them
-ready; misses with slot -1 are served from the read, uncached. When every row is already
-resident the gather happens inline and the handle is done at once.
+Data path of one prefetch: when every row is resident (the common case), one compiled pass
+(``hit_path.locate``) finds each id's HBM rank or DRAM slot in its policy record and records
+the access; the rows are gathered inline and the handle is done at once. Otherwise: ids ->
+dedupe -> ``rank = remap[id]`` -> ``rank < H``: HBM tier; else ``SlotLRU.access`` (the handle
+holds every returned slot): hits are gathered from the slab (after waiting for a slot still
+being filled by an earlier load), misses are read from disk by a job on the pool, which
+first copies the admitted ones into their slots and marks them ready; misses with slot -1
+are served from the read, uncached.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .errors import (
 from .format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
 from .handle import Handle, done_future
 from .hbm import HbmTier
+from .hit_path import DECLINE, locate
 from .stats import TableStats
 
 _HBM, _DRAM, _DISK = 0, 1, 2
@@ -79,24 +82,21 @@ class _Table:
         self.inflight: set[Future] = set()
         self._scratch = np.zeros(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
         self._pos = np.arange(0, dtype=self._scratch.dtype)
+        self.hbm_stamp = 0  # per-call stamp of the hit path's distinct-HBM-row count
+        self._hit_scratch = (_EMPTY, _EMPTY)
+
+    def hit_scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two int64 buffers of ``n`` for ``hit_path.locate``'s undo log (store lock held)."""
+        if self._hit_scratch[0].size < n:
+            m = max(n, 2 * self._hit_scratch[0].size)
+            self._hit_scratch = (np.empty(m, np.int64), np.empty(m, np.int64))
+        return self._hit_scratch[0][:n], self._hit_scratch[1][:n]
 
     def positions(self, n: int) -> np.ndarray:
         """``arange(n)`` in the scratch dtype, a view of a cached buffer (store lock held; read-only)."""
         if self._pos.size < n:
             self._pos = np.arange(max(n, 2 * self._pos.size), dtype=self._scratch.dtype)
         return self._pos[:n]
-
-    def first_mask(self, ids: np.ndarray) -> np.ndarray | None:
-        """``rep[i]``: position ``i`` is the last occurrence of its id (one per distinct id); O(n).
-
-        None when ``n`` exceeds the scratch dtype (the caller takes the sorting path).
-        """
-        n = ids.size
-        if n > np.iinfo(self._scratch.dtype).max:
-            return None
-        pos = self.positions(n)
-        self._scratch[ids] = pos
-        return self._scratch[ids] == pos
 
     def dedupe(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(unique ids, inverse)`` in O(n) without sorting (store lock held: the scratch is shared).
@@ -125,7 +125,7 @@ class _Plan:
     # path; otherwise built at assembly from the per-distinct-id cls_u / src_u and inverse.
     __slots__ = ("t", "shape", "n", "inverse", "cls_u", "src_u", "cls_p", "present", "parts", "miss_ranks",
                  "fill_slots", "fill_idx",
-                 "deps", "load_id", "load", "pinned", "failed")
+                 "deps", "load_id", "load", "hold", "failed")
 
 
 class TableView:
@@ -198,7 +198,7 @@ class TieredStore:
                 remap = load_remap(self.path, name, manifest["tables"][name], info.rows)
                 H, C = plan[name]
                 hbm = HbmTier(self._disk.read_range(name, 0, H), self.device)
-                dram = DramTier(info.rows, C, info.row_bytes, pin)
+                dram = DramTier(remap, H, C, info.row_bytes, pin)
                 step = max(1, _WARM_CHUNK_BYTES // info.row_bytes)
                 for s in range(H, H + C, step):
                     self._warm(dram, name, s, min(H + C, s + step))
@@ -210,7 +210,7 @@ class TieredStore:
     def _warm(self, dram: DramTier, name: str, start: int, stop: int) -> None:
         """Fill the DRAM tier with ranks [start, stop); a corrupt block is left out (reads of it fail later)."""
         try:
-            dram.warm(np.arange(start, stop, dtype=np.int64), self._disk.read_range(name, start, stop))
+            dram.warm(start, self._disk.read_range(name, start, stop))
         except StoreCorruptError:
             br = int(self.manifest["tables"][name]["block_rows"])
             for s in range(start, stop, br):
@@ -219,7 +219,7 @@ class TieredStore:
                     rows = self._disk.read_range(name, s, e)
                 except StoreCorruptError:
                     continue
-                dram.warm(np.arange(s, e, dtype=np.int64), rows)
+                dram.warm(s, rows)
 
     # -- helpers -------------------------------------------------------------------------
     def _table(self, name: str) -> _Table:
@@ -258,12 +258,12 @@ class TieredStore:
             self._release(self._releases.popleft())
 
     def _release(self, p: _Plan) -> None:
-        """Unpin a plan's slots (store lock held). Invalidates slots its failed load was filling."""
+        """End a plan's hold on its slots (store lock held). Invalidates slots its failed load was filling."""
         if self._closed:
             return
         t = p.t
-        if p.pinned.size:
-            t.dram.policy.release(p.pinned)
+        if p.hold:
+            t.dram.policy.release(p.hold)
         if p.failed and p.load_id:
             t.dram.invalidate(p.fill_slots, p.load_id)
             self._loads.pop(p.load_id, None)
@@ -302,67 +302,48 @@ class TieredStore:
 
     def _new_plan(self, t: _Table, shape, n: int) -> _Plan:
         p = _Plan()
-        p.t, p.shape, p.n, p.deps, p.load_id, p.load, p.failed = t, shape, n, [], 0, None, False
+        p.t, p.shape, p.n, p.deps, p.load_id, p.load, p.failed, p.hold = t, shape, n, [], 0, None, False, 0
         p.parts = p.cls_p = None
-        p.pinned = p.miss_ranks = p.fill_slots = p.fill_idx = _EMPTY
+        p.miss_ranks = p.fill_slots = p.fill_idx = _EMPTY
         return p
 
     def _plan_hits(self, t: _Table, ids: np.ndarray, shape) -> _Plan | None:
         """The plan of a batch whose every row is an HBM-tier row or ready in the DRAM tier, else None.
 
-        Works per position: ``rank = remap[id]``, ``slot = slot_of[rank]``, and the rows are gathered
-        with those directly (no unique ids, no inverse); a dedupe *mask* gives the distinct keys,
-        which go to ``SlotLRU.hit`` -- the same state change ``access`` would make, so eviction
-        decisions and hit counts are unchanged. Declines (the general path runs) on any miss, on
-        a slot still being filled by an earlier load, and on empty batches.
+        One compiled pass (``hit_path.locate``) gives each position its source and makes the
+        policy's state change for the distinct DRAM ids -- the same as ``SlotLRU.access`` would,
+        so eviction decisions and hit counts are unchanged. Declines (the general path runs) on
+        any miss, on a slot still being filled by an earlier load, and on empty batches.
         """
         n = ids.size
         if n == 0:
             return None
-        ranks = t.remap[ids]
-        H, policy = t.H, t.dram.policy
-        all_hbm = H and int(ranks.max()) < H
-        hpos = dpos = None
-        if all_hbm:
-            rk = slots = None
-        else:
-            if not policy.capacity:
-                return None
-            if H and int(ranks.min()) < H:  # mixed batch
-                is_h = ranks < H
-                hpos, dpos = np.flatnonzero(is_h), np.flatnonzero(~is_h)
-                rk = ranks[dpos].astype(np.int64)
-            else:
-                rk = ranks.astype(np.int64)
-            slots = policy.slot_of[rk]
-            if int(slots.min()) < 0:
-                return None
-            if self._loads and t.dram.ready[slots].any():
-                return None
-        rep = t.first_mask(ids)
-        if rep is None:
+        policy = t.dram.policy
+        src = np.empty(n, np.int64)
+        seen, old = t.hit_scratch(n)
+        t.hbm_stamp += 1
+        n_hpos, n_h, n_d = locate(ids, policy.keys, policy.clock + 1, t.hbm_stamp, t.dram.ready, bool(self._loads),
+                                  src, seen, old)
+        if n_hpos == DECLINE:
             return None
         p = self._new_plan(t, shape, n)
         rb = t.rb
-        if all_hbm:
-            n_h = int(np.count_nonzero(rep))
-            p.parts = [(_HBM, None, ranks)]
+        if n_hpos == n:
+            p.parts = [(_HBM, None, -2 - src)]
             t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
             return p
-        # keys / slots per position (repeats included): SlotLRU.hit and release count a repeated
-        # slot once, exactly as access / release of the distinct keys would
-        slots = slots.astype(np.int64)
-        n_d = int(np.count_nonzero(rep if dpos is None else rep[dpos]))
-        policy.hit(rk, slots, n_distinct=n_d)
-        p.pinned = slots
-        if dpos is None:
-            p.parts = [(_DRAM, None, slots)]
+        policy.clock += 1
+        policy.hits += n_d
+        p.hold = policy.hold(src)  # entries < 0 (HBM rows) are ignored
+        if n_hpos == 0:
+            p.parts = [(_DRAM, None, src)]
             t.stats.add(prefetches=1, dram_bytes=n_d * rb, dram_accesses=n)
         else:
-            n_h = int(np.count_nonzero(rep)) - n_d
-            p.parts = [(_HBM, hpos, ranks[hpos]), (_DRAM, dpos, slots)]
-            t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=hpos.size,
-                        dram_bytes=n_d * rb, dram_accesses=dpos.size)
+            is_h = src < 0
+            hpos, dpos = np.flatnonzero(is_h), np.flatnonzero(~is_h)
+            p.parts = [(_HBM, hpos, -2 - src[hpos]), (_DRAM, dpos, src[dpos])]
+            t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n_hpos,
+                        dram_bytes=n_d * rb, dram_accesses=n - n_hpos)
         return p
 
     def _plan(self, t: _Table, ids: np.ndarray, shape) -> _Plan:
@@ -378,10 +359,10 @@ class TieredStore:
         rest = np.flatnonzero(ranks >= t.H) if t.H else np.arange(U)
         n_hbm = U - rest.size
         if rest.size:
-            keys = ranks[rest] if n_hbm else ranks
+            keys = uniq[rest] if n_hbm else uniq  # the policy is keyed by row id
             slots, hit, _evicted = t.dram.policy.access(keys)
             all_hit = bool(hit.all())
-            p.pinned = slots if all_hit else slots[slots >= 0]
+            p.hold = t.dram.policy.hold(slots)
             hit_slots = slots if all_hit else slots[hit]
             if all_hit and not n_hbm:  # the common DRAM-only batch: no scatter needed
                 p.cls_u[:] = _DRAM
@@ -399,7 +380,7 @@ class TieredStore:
             if miss is not None and miss.size:
                 p.cls_u[rest[miss]] = _DISK
                 p.src_u[rest[miss]] = np.arange(miss.size)
-                p.miss_ranks = keys[miss]
+                p.miss_ranks = ranks[rest[miss]]
                 msl = slots[miss]
                 adm = np.flatnonzero(msl >= 0)
                 p.fill_idx, p.fill_slots = adm, msl[adm]
@@ -526,7 +507,7 @@ class TieredStore:
         src = flat.size - 1 - rev_first
         ranks = t.remap[rev_uniq].astype(np.int64)
         order = np.argsort(ranks)
-        ranks, rows = ranks[order], np.ascontiguousarray(raw[src[order]])
+        ranks, ids_u, rows = ranks[order], rev_uniq[order], np.ascontiguousarray(raw[src[order]])
         with self._lock:
             if self._closed:
                 raise StoreClosedError(f"store {str(self.path)!r} is closed")
@@ -537,7 +518,7 @@ class TieredStore:
             self._disk.write(t.name, ranks, rows)
             h = ranks < t.H
             t.hbm.refresh(ranks[h], rows[h])
-            t.dram.refresh(ranks[~h], rows[~h])
+            t.dram.refresh(ids_u[~h], rows[~h])
         t.stats.add(updates=1, updated_rows=ranks.size)
 
     def stats(self) -> dict:

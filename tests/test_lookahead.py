@@ -75,9 +75,8 @@ def test_later_prefetch_never_evicts_rows_of_an_unwaited_handle(tmp_path, backen
 def test_meta_scenario_detects_missing_protection(tmp_path):
     s, gated, T = _open(tmp_path, "mmap")
     policy = s._t["t"].dram.policy
-    access = policy.access
-    policy.access = lambda keys, pin=True: access(keys, pin=False)  # protection removed
-    policy.release = lambda slots: None
+    policy.hold = lambda slots: 0  # protection removed: no batch holds its slots
+    policy.release = lambda token: None
     with s:
         got, want = _scenario(s, gated, T)
         assert not torch.equal(got, want), "scenario cannot tell whether pins protect anything"

@@ -306,6 +306,6 @@ def test_warming_in_chunks_equals_one_warm():
         chunked.warm(np.arange(s, min(40, s + 7)))
     for _ in range(30):
         keys = np.unique(rng.integers(0, 100, size=12))
-        a, ha, _ = one.access(keys, pin=False)
-        b, hb, _ = chunked.access(keys, pin=False)
+        a, ha, _ = one.access(keys)
+        b, hb, _ = chunked.access(keys)
         assert np.array_equal(ha, hb) and np.array_equal(a >= 0, b >= 0)
