@@ -31,7 +31,11 @@ ROWS, DIM = 3000, 8  # 2 tables x 96 KB: tiny, so trials are many and fast
 
 
 def fork_and_kill(target, delay_s: float) -> list[int]:
-    """Run ``target(report)`` in a forked child, SIGKILL it after ``delay_s``; returns the steps it reported."""
+    """Run ``target(report)`` in a forked child, SIGKILL it ``delay_s`` after it starts; returns the steps it reported.
+
+    The delay counts from the child's own start signal, not from fork(): forking a large test
+    process (torch, numba, earlier tests' memory) can take longer than the whole kill window.
+    """
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
@@ -39,11 +43,13 @@ def fork_and_kill(target, delay_s: float) -> list[int]:
         try:
             os.close(r)
             torch.set_num_threads(1)  # torch's OpenMP pool does not survive fork(); one thread needs none
+            os.write(w, b"\x01")  # started
             target(lambda k: os.write(w, int(k).to_bytes(4, "little")))
         except BaseException:  # noqa: BLE001 - report through the exit code only
             code = 3
         os._exit(code)
     os.close(w)
+    os.read(r, 1)  # b"" if the child died before starting: the exit-status check below reports it
     time.sleep(delay_s)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
