@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import numpy as np
 
-_NEVER = np.iinfo(np.int64).max
-
-
 def key_record(slot_dtype) -> np.dtype:
     """Per-key record: ``slot`` (-1: not cached; the owner may store its own markers < -1 in keys it
     never passes to the policy), ``acc`` (accesses through this tier) and ``last`` (tick of last use)."""
@@ -170,18 +167,21 @@ class SlotLRU:
     def pins(self) -> np.ndarray:
         """Per slot, how many outstanding holds name it (diagnostics; O(held rows))."""
         out = np.zeros(self.capacity, dtype=np.int64)
-        for s in self._held.values():
-            s = np.unique(s)
-            out[s[s >= 0]] += 1
+        for s in self._held_slots(self._held.values()):
+            out[np.unique(s)] += 1
         return out
 
     def _held_mask(self, extra: np.ndarray | None = None) -> np.ndarray:
         mask = np.zeros(self.capacity, dtype=bool)
-        for s in [*self._held.values(), *([] if extra is None else [extra])]:
-            if s.size and s.min() < 0:
-                s = s[s >= 0]
+        for s in self._held_slots([*self._held.values(), *([] if extra is None else [extra])]):
             mask[s] = True
         return mask
+
+    @staticmethod
+    def _held_slots(arrays):
+        """Each held array without its entries < 0 (HBM rows, uncached misses)."""
+        for s in arrays:
+            yield s[s >= 0] if s.size and s.min() < 0 else s
 
     def _rank(self, keys: np.ndarray) -> np.ndarray:
         return keys if self.order is None else self.order[keys]
