@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .cache_policy import SlotLRU
+from .hit_path import row_word
 
 
 def rows_view(a: np.ndarray) -> np.ndarray:
@@ -30,6 +31,26 @@ def rows_view(a: np.ndarray) -> np.ndarray:
     that wait on each other), so the store gathers host rows this way.
     """
     return a.view(np.dtype((np.void, a.shape[1]))).reshape(a.shape[0])
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def row_buffer(rows: int, row_bytes: int) -> np.ndarray:
+    """An uninitialised ``[rows, row_bytes]`` uint8 array laid out for random row reads.
+
+    It starts on a 2 MiB boundary (a 64-byte one when small). NumPy's allocator returns
+    addresses 16 bytes past a line, so a 128-byte row would touch three cache lines instead of
+    two (one random 16k-row gather: 0.74 vs 0.47 ms). And NumPy asks Linux for transparent huge
+    pages on large arrays (torch's allocator does not): one TLB entry per 2 MiB instead of per
+    4 KiB makes random row reads of a 128 MiB slab ~1.3x faster; starting on the boundary lets
+    every byte of the rows sit in huge pages.
+    """
+    nbytes = rows * row_bytes
+    align = _HUGE_PAGE if nbytes >= 2 * _HUGE_PAGE else 64
+    buf = np.empty(nbytes + align, np.uint8)
+    start = -buf.ctypes.data % align
+    return buf[start: start + nbytes].reshape(rows, row_bytes)
 
 
 class DramTier:
@@ -46,8 +67,12 @@ class DramTier:
         self._id_of_rank[remap[sel]] = sel
         h = self._id_of_rank[:hbm_rows]
         self.policy.slot_of[h] = -2 - np.arange(hbm_rows, dtype=np.int64)
-        self.slab = torch.empty((cap, row_bytes), dtype=torch.uint8, pin_memory=pin and cap > 0)
+        if pin and cap:
+            self.slab = torch.empty((cap, row_bytes), dtype=torch.uint8, pin_memory=True)
+        else:
+            self.slab = torch.from_numpy(row_buffer(cap, row_bytes))
         self.slab_rows = rows_view(self.slab.numpy())  # the same bytes, for np.take
+        self.slab_words = self.slab.numpy().view(row_word(row_bytes)).reshape(-1)  # and for hit_path.serve
         self.ready = np.zeros(cap, dtype=np.int64)
 
     @property

@@ -11,15 +11,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .dram import rows_view
+from .dram import row_buffer, rows_view
+from .hit_path import row_word
 
 
 class HbmTier:
     def __init__(self, rows: np.ndarray, device: torch.device) -> None:
         self.rows = int(rows.shape[0])
-        self.data = torch.from_numpy(np.ascontiguousarray(rows)).to(device)  # (H, row_bytes) uint8
+        if torch.device(device).type == "cpu":  # laid out for random row reads (dram.row_buffer)
+            buf = row_buffer(*rows.shape)
+            buf[...] = rows
+            self.data = torch.from_numpy(buf)  # (H, row_bytes) uint8
+        else:
+            self.data = torch.from_numpy(np.ascontiguousarray(rows)).to(device)
         # on a CPU device, the same bytes for np.take (see dram.rows_view); refresh writes in place
         self.host_rows = rows_view(self.data.numpy()) if self.data.device.type == "cpu" else None
+        # ... and as words for hit_path.serve; empty on a GPU (the device gathers those rows)
+        word = row_word(self.data.shape[1])
+        self.host_words = (self.data.numpy().view(word).reshape(-1) if self.host_rows is not None
+                           else np.empty(0, word))
 
     def gather(self, ranks: torch.Tensor) -> torch.Tensor:
         return self.data.index_select(0, ranks)

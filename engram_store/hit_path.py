@@ -1,68 +1,124 @@
 """The store's hit path, compiled: one pass over a batch's ids when every row is resident.
 
-Why compiled: on a hit the store must find each row (HBM rank or DRAM slot) and record the
-access for the replacement policy. As NumPy passes that was five random-access sweeps with
-temporaries (remap, slot map, dedupe mask, counts, ages) and cost 3-5x the row copy itself.
-Here it is one loop, and every per-row fact it reads or writes sits in one 16-byte record
-per row id (``SlotLRU.keys``: slot, access count, last use), so a hit costs one cache line of
-bookkeeping next to the row's own lines.
+Why compiled: on a hit the store must find each row (HBM rank or DRAM slot), record the
+access for the replacement policy and copy the row. As NumPy passes that was five
+random-access sweeps with temporaries (remap, slot map, dedupe mask, counts, ages) and cost
+3-5x the row copy itself. Here it is one loop, and every per-row fact it reads or writes sits
+in one 16-byte record per row id (``SlotLRU.keys``: slot, access count, last use), so a hit
+costs one cache line of bookkeeping next to the row's own lines. The loop also copies each
+row into the output: with the record and the row asked for ahead of use (software prefetch),
+a random row costs less than NumPy's ``take`` spends on it alone.
 
 The state change is exactly ``SlotLRU.access`` of the batch's distinct DRAM keys when all of
 them hit (clock, access counts, ages, hit count), so simulated and served hit counts still
 agree; when a row is missing (or still being loaded) the pass undoes what it wrote and the
-store takes its general path.
+store takes its general path (the rows it copied so far are simply overwritten there).
 
 Row ids whose rank is in the HBM tier carry ``slot = -2 - rank`` (see ``DramTier``); their
 ``last`` field is only a per-call stamp to count distinct HBM rows.
+
+Rows are copied as machine words (``row_word``): the widest unsigned integer whose size
+divides the row's bytes, so each table gets one of four compiled variants.
 """
 
 from __future__ import annotations
 
 import llvmlite.binding
+import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, types, uint64
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 DECLINE = -1
-# How many ids ahead the pass asks the CPU for a record: the records are random lines of a
-# large array, and a plain loop waits on each (one record pass over 16k ids: 0.07 -> 0.045 ms).
-PREFETCH_AHEAD = 16
+# How many ids ahead the pass asks the CPU for a record, and for a row: records and rows are
+# random lines of large arrays, and a plain loop waits on each. The row is asked for later
+# than its record because its address is read from that record. Measured on 16k-id batches of
+# 128-byte rows (bench/bench_tiers.py): 32 / 16 ran 0.42 ms against 0.49 ms for the record pass
+# plus np.take, and 0.47 ms for 16 / 8.
+RECORD_AHEAD = 32
+ROW_AHEAD = 16
+_LINE_BYTES = 64
 # The intrinsic's name carries its pointer type: opaque pointers from LLVM 15 on.
 _PREFETCH = "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
 
 
-@intrinsic
-def _prefetch_for_write(typingctx, arr, idx):
-    """Hint that ``arr[idx]`` will be read and written soon (LLVM's prefetch; no effect on results)."""
-    def codegen(context, builder, signature, args):
-        aryty = signature.args[0]
-        ary = context.make_array(aryty)(context, builder, args[0])
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            _PREFETCH)
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])  # write, keep in all caches, data
-        return context.get_dummy_value()
-    return types.void(arr, idx), codegen
+def _prefetch_intrinsic(write: int):
+    @intrinsic
+    def prefetch(typingctx, arr, idx):
+        def codegen(context, builder, signature, args):
+            aryty = signature.args[0]
+            ary = context.make_array(aryty)(context, builder, args[0])
+            ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [args[1]], wraparound=False)
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module,
+                                                ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), _PREFETCH)
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(write), i32(3), i32(1)])  # keep in all caches, data
+            return context.get_dummy_value()
+        return types.void(arr, idx), codegen
+    return prefetch
+
+
+# Hints that ``arr[idx]`` will soon be written / read (LLVM's prefetch; no effect on results).
+_prefetch_for_write = _prefetch_intrinsic(1)
+_prefetch_for_read = _prefetch_intrinsic(0)
+
+
+def row_word(row_bytes: int) -> np.dtype:
+    """The widest unsigned word whose size divides ``row_bytes``: the unit the pass copies rows in."""
+    for size, dt in ((8, np.uint64), (4, np.uint32), (2, np.uint16)):
+        if row_bytes % size == 0:
+            return np.dtype(dt)
+    return np.dtype(np.uint8)
 
 
 @njit(nogil=True, cache=True)
-def locate(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old):
-    """Fill ``src[i]`` (slot >= 0, or ``-2 - rank`` for an HBM row) for every id; stamp each distinct one.
+def _prefetch_row(rows, r, words, step):
+    base = r * words
+    for q in range(0, words, step):
+        _prefetch_for_read(rows, base + q)
+    if words % step:  # rows that are not whole lines can straddle one more
+        _prefetch_for_read(rows, base + words - 1)
 
-    Returns ``(n_hbm_positions, n_hbm_distinct, n_dram_distinct)``, or ``(DECLINE, 0, 0)`` with
-    every record as it was when some id is not resident (or, with ``check_ready``, its slot is
-    still being filled). ``seen`` / ``old`` are scratch of ``ids.size``: the distinct ids and their
-    previous ``last``, for the undo.
+
+@njit(nogil=True, cache=True)
+def _copy_row(rows, r, out, i, words):
+    # unsigned offsets: with signed ones numba adds a negative-index fix-up to every element
+    # and LLVM turns the copy into vector gathers, 4x slower than plain moves
+    w = uint64(words)
+    src = uint64(r) * w
+    dst = uint64(i) * w
+    for j in range(w):
+        out[dst + j] = rows[src + j]
+
+
+@njit(nogil=True, cache=True)
+def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, slab, hbm, out, words):
+    """Copy every id's row into ``out`` and fill ``src[i]`` (slot >= 0, or ``-2 - rank`` for an HBM row).
+
+    ``slab`` (the DRAM slots), ``hbm`` (the HBM tier's rows in host memory, or empty when they
+    live on a GPU: those rows are then left for the caller) and ``out`` (``ids.size`` rows) are
+    flat arrays of one word type, ``words`` per row. Stamps each distinct id (the policy's
+    state change). Returns ``(n_hbm_positions, n_hbm_distinct, n_dram_distinct)``, or
+    ``(DECLINE, 0, 0)`` with every record as it was when some id is not resident (or, with
+    ``check_ready``, its slot is still being filled). ``seen`` / ``old`` are scratch of
+    ``ids.size``: the distinct ids and their previous ``last``, for the undo.
     """
     n_seen = 0
     n_hpos = 0
     n_hd = 0
     n = ids.size
+    copy_hbm = hbm.size > 0
+    step = max(1, _LINE_BYTES // slab.itemsize)
     for i in range(n):
-        if i + PREFETCH_AHEAD < n:
-            _prefetch_for_write(keys, ids[i + PREFETCH_AHEAD])
+        if i + RECORD_AHEAD < n:
+            _prefetch_for_write(keys, ids[i + RECORD_AHEAD])
+        if i + ROW_AHEAD < n:
+            s_ahead = keys[ids[i + ROW_AHEAD]].slot
+            if s_ahead >= 0:
+                _prefetch_row(slab, s_ahead, words, step)
+            elif s_ahead < -1 and copy_hbm:
+                _prefetch_row(hbm, -2 - s_ahead, words, step)
         k = ids[i]
         s = keys[k].slot
         if s >= 0:
@@ -70,9 +126,12 @@ def locate(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old)
                 _undo(keys, seen, old, n_seen)
                 return DECLINE, 0, 0
             stamp = dram_stamp
+            _copy_row(slab, s, out, i, words)
         elif s < -1:
             stamp = hbm_stamp
             n_hpos += 1
+            if copy_hbm:
+                _copy_row(hbm, -2 - s, out, i, words)
         else:
             _undo(keys, seen, old, n_seen)
             return DECLINE, 0, 0

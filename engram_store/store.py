@@ -13,8 +13,9 @@ Thread-safety (the rules, stated once):
 * The store's pools never take the store lock, so ``wait()`` can never deadlock against it.
 
 Data path of one prefetch: when every row is resident (the common case), one compiled pass
-(``hit_path.locate``) finds each id's HBM rank or DRAM slot in its policy record and records
-the access; the rows are gathered inline and the handle is done at once. Otherwise: ids ->
+(``hit_path.serve``) finds each id's HBM rank or DRAM slot in its policy record, records the
+access and copies the row (on CUDA, HBM rows are gathered on the device after it); the
+handle is done at once. Otherwise: ids ->
 dedupe -> ``rank = remap[id]`` -> ``rank < H``: HBM tier; else ``SlotLRU.access`` (the handle
 holds every returned slot): hits are gathered from the slab (after waiting for a slot still
 being filled by an earlier load), misses are read from disk by a job on the pool, which
@@ -45,7 +46,7 @@ from .errors import (
 from .format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
 from .handle import Handle, done_future
 from .hbm import HbmTier
-from .hit_path import DECLINE, locate
+from .hit_path import DECLINE, row_word, serve
 from .stats import TableStats
 
 _HBM, _DRAM, _DISK = 0, 1, 2
@@ -77,6 +78,8 @@ class _Table:
         self.hbm = hbm
         self.H = hbm.rows
         self.rb = info.row_bytes  # cached: TableInfo.row_bytes builds a tensor to ask the dtype's size
+        self.word = row_word(self.rb)  # the unit hit_path.serve copies rows in
+        self.words = self.rb // self.word.itemsize
         self.dram = dram
         self.stats = TableStats()
         self.inflight: set[Future] = set()
@@ -86,7 +89,7 @@ class _Table:
         self._hit_scratch = (_EMPTY, _EMPTY)
 
     def hit_scratch(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two int64 buffers of ``n`` for ``hit_path.locate``'s undo log (store lock held)."""
+        """Two int64 buffers of ``n`` for ``hit_path.serve``'s undo log (store lock held)."""
         if self._hit_scratch[0].size < n:
             m = max(n, 2 * self._hit_scratch[0].size)
             self._hit_scratch = (np.empty(m, np.int64), np.empty(m, np.int64))
@@ -123,7 +126,10 @@ class _Plan:
 
     # parts: [(tier, positions or None = all, per-position source index)], set by the hit fast
     # path; otherwise built at assembly from the per-distinct-id cls_u / src_u and inverse.
+    # out: the host rows buffer ([n, row_bytes] uint8, pinned on CUDA); host_done: the hit
+    # path already copied every host-side row into it (parts then lists only device gathers).
     __slots__ = ("t", "shape", "n", "inverse", "cls_u", "src_u", "cls_p", "present", "parts", "miss_ranks",
+                 "out", "host_done",
                  "fill_slots", "fill_idx",
                  "deps", "load_id", "load", "hold", "failed")
 
@@ -305,52 +311,60 @@ class TieredStore:
         p.t, p.shape, p.n, p.deps, p.load_id, p.load, p.failed, p.hold = t, shape, n, [], 0, None, False, 0
         p.parts = p.cls_p = None
         p.miss_ranks = p.fill_slots = p.fill_idx = _EMPTY
+        # the host buffer of the rows, also where the hit path copies them (pinned: the upload
+        # to a GPU is then asynchronous)
+        p.out = torch.empty((n, t.rb), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        p.host_done = False
         return p
 
-    def _plan_hits(self, t: _Table, ids: np.ndarray, shape) -> _Plan | None:
-        """The plan of a batch whose every row is an HBM-tier row or ready in the DRAM tier, else None.
+    def _plan_hits(self, p: _Plan, ids: np.ndarray) -> bool:
+        """Serve a batch whose every row is an HBM-tier row or ready in the DRAM tier; False if it is not.
 
-        One compiled pass (``hit_path.locate``) gives each position its source and makes the
-        policy's state change for the distinct DRAM ids -- the same as ``SlotLRU.access`` would,
-        so eviction decisions and hit counts are unchanged. Declines (the general path runs) on
-        any miss, on a slot still being filled by an earlier load, and on empty batches.
+        One compiled pass (``hit_path.serve``) gives each position its source, copies each host
+        row into ``p.out`` and makes the policy's state change for the distinct DRAM ids -- the
+        same as ``SlotLRU.access`` would, so eviction decisions and hit counts are unchanged.
+        Declines (the general path runs on the same plan) on any miss, on a slot still being
+        filled by an earlier load, and on empty batches.
         """
         n = ids.size
         if n == 0:
-            return None
+            return False
+        t = p.t
         policy = t.dram.policy
         src = np.empty(n, np.int64)
         seen, old = t.hit_scratch(n)
         t.hbm_stamp += 1
-        n_hpos, n_h, n_d = locate(ids, policy.keys, policy.clock + 1, t.hbm_stamp, t.dram.ready, bool(self._loads),
-                                  src, seen, old)
+        out = p.out.numpy().view(t.word).reshape(-1)
+        n_hpos, n_h, n_d = serve(ids, policy.keys, policy.clock + 1, t.hbm_stamp, t.dram.ready, bool(self._loads),
+                                 src, seen, old, t.dram.slab_words, t.hbm.host_words, out, t.words)
         if n_hpos == DECLINE:
-            return None
-        p = self._new_plan(t, shape, n)
+            return False
         rb = t.rb
+        on_host = t.hbm.host_words.size > 0 or not n_hpos  # HBM rows copied too (or none)
+        p.host_done = on_host or n_hpos < n  # some row is in p.out
         if n_hpos == n:
-            p.parts = [(_HBM, None, -2 - src)]
+            p.parts = [] if on_host else [(_HBM, None, -2 - src)]
             t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
-            return p
+            return True
         policy.clock += 1
         policy.hits += n_d
         p.hold = policy.hold(src)  # entries < 0 (HBM rows) are ignored
+        if on_host:
+            p.parts = []
+        else:
+            hpos = np.flatnonzero(src < 0)
+            p.parts = [(_HBM, hpos, -2 - src[hpos])]
         if n_hpos == 0:
-            p.parts = [(_DRAM, None, src)]
             t.stats.add(prefetches=1, dram_bytes=n_d * rb, dram_accesses=n)
         else:
-            is_h = src < 0
-            hpos, dpos = np.flatnonzero(is_h), np.flatnonzero(~is_h)
-            p.parts = [(_HBM, hpos, -2 - src[hpos]), (_DRAM, dpos, src[dpos])]
             t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n_hpos,
                         dram_bytes=n_d * rb, dram_accesses=n - n_hpos)
-        return p
+        return True
 
     def _plan(self, t: _Table, ids: np.ndarray, shape) -> _Plan:
-        p = self._plan_hits(t, ids, shape)
-        if p is not None:
-            return p
         p = self._new_plan(t, shape, ids.size)
+        if self._plan_hits(p, ids):
+            return p
         uniq, p.inverse = t.dedupe(ids)
         ranks = t.remap[uniq].astype(np.int64)
         U = uniq.size
@@ -450,10 +464,8 @@ class TieredStore:
             sources[_DISK] = rows_view(np.ascontiguousarray(miss_rows))
         host = [part for part in p.parts if part[0] != _HBM or not on_cuda]
         event = None
-        if not host and not on_cuda:
-            out = torch.empty((N, rb), dtype=torch.uint8)
-        elif host:
-            out = torch.empty((N, rb), dtype=torch.uint8, pin_memory=on_cuda)
+        out = p.out
+        if host:
             out_rows = rows_view(out.numpy())
             for c, pos, idx in host:
                 # mode="clip" only skips numpy's buffered bounds check: every index is in range by
@@ -464,8 +476,10 @@ class TieredStore:
                     out_rows[pos] = np.take(sources[c], idx, mode="clip")
         if on_cuda:
             with torch.cuda.stream(self._side_stream):
-                out = out.to(self.device, non_blocking=True) if host else torch.empty((N, rb), dtype=torch.uint8,
-                                                                                     device=self.device)
+                if host or p.host_done:
+                    out = out.to(self.device, non_blocking=True)
+                else:
+                    out = torch.empty((N, rb), dtype=torch.uint8, device=self.device)
                 for c, pos, idx in p.parts:
                     if c != _HBM:
                         continue

@@ -1,8 +1,8 @@
 """Access-weighted counters and the all-hit fast path against a reference SlotLRU.
 
 ``stats()[t][tier]["accesses"]`` counts ids served by each tier including repeats within a
-batch; ``hits`` stay distinct rows. Batches that hit only resident rows take the store's fast
-path (per-position gather, ``SlotLRU.hit``); the policy state must equal that of a plain
+batch; ``hits`` stay distinct rows. Batches that hit only resident rows take the store's
+compiled hit path (``hit_path.serve``); the policy state must equal that of a plain
 ``SlotLRU.access`` of the distinct keys, call for call.
 """
 

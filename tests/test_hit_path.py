@@ -1,0 +1,130 @@
+"""``hit_path.serve`` (the compiled all-resident pass) against a straightforward re-computation.
+
+The reference for the rows is plain fancy indexing of the source arrays; for the policy state,
+a per-distinct-id count of the DRAM ids. Every word width (``row_word``) is exercised, since
+each is its own compiled variant.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engram_store.cache_policy import key_record
+from engram_store.dram import row_buffer
+from engram_store.hit_path import DECLINE, row_word, serve
+
+N_IDS, N_SLOTS, N_HBM = 500, 120, 40
+
+
+def _world(rng, row_bytes):
+    """Records for N_IDS ids: N_HBM in the HBM tier, N_SLOTS in the slab, the rest not resident."""
+    keys = np.zeros(N_IDS, key_record(np.int64))
+    keys["slot"] = -1
+    keys["last"] = rng.integers(-5, 5, N_IDS)
+    keys["acc"] = rng.integers(0, 9, N_IDS)
+    perm = rng.permutation(N_IDS)
+    hbm_ids, dram_ids, cold_ids = perm[:N_HBM], perm[N_HBM:N_HBM + N_SLOTS], perm[N_HBM + N_SLOTS:]
+    keys["slot"][hbm_ids] = -2 - np.arange(N_HBM)
+    keys["slot"][dram_ids] = rng.permutation(N_SLOTS)
+    slab = row_buffer(N_SLOTS, row_bytes)
+    slab[...] = rng.integers(0, 256, slab.shape, dtype=np.uint8)
+    hbm = row_buffer(N_HBM, row_bytes)
+    hbm[...] = rng.integers(0, 256, hbm.shape, dtype=np.uint8)
+    return keys, slab, hbm, hbm_ids, dram_ids, cold_ids
+
+
+def _assert_same_records(keys, before):
+    for field in keys.dtype.names:  # field by field: the bytes between fields are padding
+        assert np.array_equal(keys[field], before[field]), field
+
+
+def _serve(keys, slab, hbm, ids, *, stamp=7, hbm_stamp=-9, ready=None, check_ready=False, host_hbm=True):
+    rb = slab.shape[1]
+    word = row_word(rb)
+    n = ids.size
+    out = np.full((n, rb), 0xAB, np.uint8)
+    src, seen, old = (np.empty(n, np.int64) for _ in range(3))
+    ready = np.zeros(N_SLOTS, np.int64) if ready is None else ready
+    hbm_words = hbm.view(word).reshape(-1) if host_hbm else np.empty(0, word)
+    res = serve(ids, keys, stamp, hbm_stamp, ready, check_ready, src, seen, old,
+                slab.view(word).reshape(-1), hbm_words, out.view(word).reshape(-1), rb // word.itemsize)
+    return res, out, src
+
+
+@pytest.mark.parametrize("row_bytes", [1, 2, 6, 12, 8, 128, 136, 520])
+def test_rows_sources_and_policy_state(row_bytes):
+    rng = np.random.default_rng(row_bytes)
+    keys, slab, hbm, hbm_ids, dram_ids, _ = _world(rng, row_bytes)
+    before = keys.copy()
+    ids = rng.choice(np.concatenate([hbm_ids, dram_ids]), 3000)  # many repeats, ~1/4 HBM
+    (n_hpos, n_hd, n_dd), out, src = _serve(keys, slab, hbm, ids)
+
+    slot = before["slot"][ids]
+    is_h = slot < -1
+    want = np.where(is_h[:, None], hbm[np.maximum(-2 - slot, 0)], slab[np.maximum(slot, 0)])
+    assert np.array_equal(out, want)
+    assert np.array_equal(src, slot)
+    assert n_hpos == int(is_h.sum())
+    distinct = np.unique(ids)
+    assert n_hd == int((before["slot"][distinct] < -1).sum())
+    assert n_dd == int((before["slot"][distinct] >= 0).sum())
+    # each distinct DRAM id counted once and stamped; HBM ids stamped with the HBM stamp
+    d = distinct[before["slot"][distinct] >= 0]
+    h = distinct[before["slot"][distinct] < -1]
+    want_acc = before["acc"].copy()
+    want_acc[d] += 1
+    assert np.array_equal(keys["acc"], want_acc)
+    want_last = before["last"].copy()
+    want_last[d], want_last[h] = 7, -9
+    assert np.array_equal(keys["last"], want_last)
+    assert np.array_equal(keys["slot"], before["slot"])
+
+
+def test_hbm_rows_left_to_the_device_when_not_on_host():
+    rng = np.random.default_rng(1)
+    keys, slab, hbm, hbm_ids, dram_ids, _ = _world(rng, 64)
+    ids = rng.choice(np.concatenate([hbm_ids, dram_ids]), 400)
+    slot = keys["slot"][ids].copy()
+    (n_hpos, _, _), out, _ = _serve(keys, slab, hbm, ids, host_hbm=False)
+    is_h = slot < -1
+    assert n_hpos == int(is_h.sum()) > 0
+    assert (out[is_h] == 0xAB).all()  # untouched: the GPU gathers those
+    assert np.array_equal(out[~is_h], slab[slot[~is_h]])
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_miss_declines_and_restores_every_record(where):
+    rng = np.random.default_rng(2)
+    keys, slab, hbm, hbm_ids, dram_ids, cold_ids = _world(rng, 24)
+    ids = rng.choice(np.concatenate([hbm_ids, dram_ids]), 300)
+    ids[{"first": 0, "middle": 150, "last": 299}[where]] = cold_ids[0]
+    before = keys.copy()
+    (res, _, _), _, _ = _serve(keys, slab, hbm, ids)
+    assert res == DECLINE
+    _assert_same_records(keys, before)
+
+
+def test_a_slot_still_loading_declines_only_when_checked():
+    rng = np.random.default_rng(3)
+    keys, slab, hbm, hbm_ids, dram_ids, _ = _world(rng, 16)
+    ids = rng.choice(dram_ids, 200)
+    ready = np.zeros(N_SLOTS, np.int64)
+    ready[keys["slot"][ids[120]]] = 5  # an earlier load is filling this slot
+    before = keys.copy()
+    (res, _, _), _, _ = _serve(keys, slab, hbm, ids, ready=ready, check_ready=True)
+    assert res == DECLINE
+    _assert_same_records(keys, before)
+    (res, _, _), out, _ = _serve(keys, slab, hbm, ids, ready=ready, check_ready=False)
+    assert res == 0 and np.array_equal(out, slab[before["slot"][ids]])
+
+
+def test_row_buffer_layout_and_row_word():
+    big = row_buffer(40_000, 128)  # 5 MiB: on a huge-page boundary
+    assert big.shape == (40_000, 128) and big.dtype == np.uint8 and big.flags.c_contiguous
+    assert big.ctypes.data % (2 << 20) == 0
+    big[-1] = 7  # writable to the last byte
+    small = row_buffer(10, 6)
+    assert small.shape == (10, 6) and small.ctypes.data % 64 == 0
+    assert row_buffer(0, 8).shape == (0, 8)
+    assert [row_word(b).itemsize for b in (1, 2, 3, 4, 6, 8, 12, 16, 136)] == [1, 2, 1, 4, 2, 8, 4, 8, 8]
