@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=Path, help="checkpoint dir: report LMDB compression of its tables")
     ap.add_argument("--dir", type=Path, default=None, help="scratch dir on the disk to test (default: a temp dir)")
     ap.add_argument("--device", default="cpu", help="store device (default cpu)")
+    ap.add_argument("--hit-threads", type=int, default=None,
+                    help="threads of the stores' compiled hit path (default: the store's, half the cores, at most 8)")
     ap.add_argument("--lmdb-block-bytes", type=int, default=None,
                     help=f"raw bytes per LMDB block (default: the writer's, {LMDB_BLOCK_BYTES})")
     args = ap.parse_args(argv)
@@ -118,8 +120,9 @@ def main(argv=None) -> int:
                                     block_bytes=args.lmdb_block_bytes)
         t_lmdb = time.perf_counter() - t0
         lmdb_bytes = sum(f.stat().st_size for f in (p_lmdb / "rows.lmdb").glob("*.mdb"))
-        s_hbm = engram_store.open(p_mmap, device=args.device, hbm_bytes=nbytes)
-        s_dram = engram_store.open(p_mmap, device=args.device, dram_bytes=nbytes)
+        s_hbm = engram_store.open(p_mmap, device=args.device, hbm_bytes=nbytes, hit_threads=args.hit_threads)
+        s_dram = engram_store.open(p_mmap, device=args.device, dram_bytes=nbytes, hit_threads=args.hit_threads)
+        hit_threads = s_dram._hit_threads
         s_cold = engram_store.open(p_mmap, device=args.device, io_threads=args.io_threads)
         s_cold_nv = engram_store.open(p_mmap, device=args.device, io_threads=args.io_threads, verify_reads=False)
 
@@ -237,7 +240,8 @@ def main(argv=None) -> int:
                "cold_lmdb>=0.5*cold_mmap": ratios["cold_lmdb_vs_mmap"] >= 0.5}
     label = "cold (page cache dropped)" if args.drop_caches else "disk path (page cache warm)"
     print(f"table {args.rows} x {args.dim} {args.dtype} ({nbytes / 2**20:.0f} MiB), hit batch {args.batch}, "
-          f"cold batch {args.cold_rows}, {args.io_threads} I/O threads, device {args.device}, median of {args.repeats}")
+          f"cold batch {args.cold_rows}, {args.io_threads} I/O threads, {hit_threads} hit thread(s), device {args.device}, "
+          f"median of {args.repeats}")
     print()
     print("| path | rows/s (median) | vs baseline: median of per-repeat ratios (min-max) |")
     print("|---|---:|---|")
@@ -263,7 +267,7 @@ def main(argv=None) -> int:
         print(f"| {k} | {v['shuffle']:.3f} | {v['plain']:.3f} |")
     print(f"\nwrite time: mmap {t_mmap:.2f} s, lmdb {t_lmdb:.2f} s (incl. fsync)")
     print(json.dumps({"bench": "tiers", "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "batch": args.batch,
-                      "cold_rows": args.cold_rows, "lmdb_block_bytes": args.lmdb_block_bytes or LMDB_BLOCK_BYTES, "io_threads": args.io_threads, "drop_caches": args.drop_caches,
+                      "cold_rows": args.cold_rows, "lmdb_block_bytes": args.lmdb_block_bytes or LMDB_BLOCK_BYTES, "io_threads": args.io_threads, "hit_threads": hit_threads, "drop_caches": args.drop_caches,
                       "device": args.device, "rows_per_s": {k: round(v) for k, v in med.items()},
                       "ratios": {k: round(v, 3) for k, v in ratios.items()},
                       "ratio_range": {k: [round(lo, 3), round(hi, 3)] for k, (lo, hi) in spread.items()},

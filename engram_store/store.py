@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
 from pathlib import Path
@@ -46,12 +47,28 @@ from .errors import (
 from .format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
 from .handle import Handle, done_future
 from .hbm import HbmTier
-from .hit_path import DECLINE, row_word, serve
+from .hit_path import DECLINE, row_word, serve, serve_parallel, threadsafe_parallel
 from .stats import TableStats
 
 _HBM, _DRAM, _DISK = 0, 1, 2
 _EMPTY = np.empty(0, np.int64)
 _WARM_CHUNK_BYTES = 64 << 20
+# A hit batch is split over threads only in chunks of at least this many ids: below it the
+# fork/join costs more than the chunk's copy.
+_MIN_IDS_PER_HIT_THREAD = 2048
+
+
+def _hit_threads(asked: int | None) -> int:
+    """Threads for the compiled hit path: ``asked``, or half the cores this process may use (at most 8).
+
+    One on a 2-core machine: there a second thread gained nothing (memory-bound) and would
+    take a core from the model. One also when numba's threading layer is its workqueue, which
+    aborts the process when two threads enter it at once.
+    """
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
+        raise EngramStoreError(f"hit_threads must be a positive integer or None, got {asked!r}")
+    n = asked if asked is not None else min(8, len(os.sched_getaffinity(0)) // 2)
+    return max(1, n) if n > 1 and threadsafe_parallel() else 1
 
 
 class _Load:
@@ -160,7 +177,7 @@ class TieredStore:
 
     def __init__(self, path, *, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: str | None = None,
                  fingerprint: str | None = None, io_threads: int = 8, job_threads: int = 4,
-                 verify_reads: bool = True, tier_plan: dict | None = None) -> None:
+                 verify_reads: bool = True, tier_plan: dict | None = None, hit_threads: int | None = None) -> None:
         self.path = Path(path)
         manifest = read_manifest(self.path)
         self.manifest = manifest
@@ -194,6 +211,7 @@ class TieredStore:
         self._io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="engram-io")
         self._job_pool = ThreadPoolExecutor(max(1, job_threads), thread_name_prefix="engram-job")
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._hit_threads = _hit_threads(hit_threads)
         pin = self.device.type == "cuda"
         disk_cls = MmapDisk if self.backend == "mmap" else LmdbDisk
         self._disk = None
@@ -335,8 +353,14 @@ class TieredStore:
         seen, old = t.hit_scratch(n)
         t.hbm_stamp += 1
         out = p.out.numpy().view(t.word).reshape(-1)
-        n_hpos, n_h, n_d = serve(ids, policy.keys, policy.clock + 1, t.hbm_stamp, t.dram.ready, bool(self._loads),
-                                 src, seen, old, t.dram.slab_words, t.hbm.host_words, out, t.words)
+        parts = min(self._hit_threads, n // _MIN_IDS_PER_HIT_THREAD)
+        if parts > 1:
+            n_hpos, n_h, n_d = serve_parallel(ids, policy.keys, policy.clock + 1, t.hbm_stamp, t.dram.ready,
+                                              bool(self._loads), src, t.dram.slab_words, t.hbm.host_words, out,
+                                              t.words, parts)
+        else:
+            n_hpos, n_h, n_d = serve(ids, policy.keys, policy.clock + 1, t.hbm_stamp, t.dram.ready, bool(self._loads),
+                                     src, seen, old, t.dram.slab_words, t.hbm.host_words, out, t.words)
         if n_hpos == DECLINE:
             return False
         rb = t.rb
@@ -464,7 +488,7 @@ class TieredStore:
             sources[_DISK] = rows_view(np.ascontiguousarray(miss_rows))
         host = [part for part in p.parts if part[0] != _HBM or not on_cuda]
         event = None
-        out = p.out
+        out, p.out = p.out, None  # a handle keeps its plan until released: do not keep the host copy too
         if host:
             out_rows = rows_view(out.numpy())
             for c, pos, idx in host:
@@ -606,7 +630,10 @@ def open(path, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: st
     BudgetError. ``backend``: None, or the backend the caller expects. ``fingerprint``: the
     model's hash-config fingerprint; a different one raises FingerprintMismatchError.
     ``options``: ``io_threads`` (8), ``job_threads`` (4), ``verify_reads`` (True: every disk read
-    checks its block's crc32), ``tier_plan`` (overrides the manifest's).
+    checks its block's crc32), ``tier_plan`` (overrides the manifest's), ``hit_threads`` (None:
+    half the usable cores, at most 8, and 1 on a 2-core machine; threads that copy a large
+    all-resident batch -- numba's OpenMP/TBB layer; a process that forks after using them
+    must not use them in the child).
     """
     return TieredStore(path, device=device, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes, backend=backend,
                        fingerprint=fingerprint, **options)
