@@ -338,7 +338,8 @@ class TieredStore:
     def _plan_hits(self, p: _Plan, ids: np.ndarray) -> bool:
         """Serve a batch whose every row is an HBM-tier row or ready in the DRAM tier; False if it is not.
 
-        One compiled pass (``hit_path.serve``) gives each position its source, copies each host
+        One compiled pass (``hit_path.serve``; ``serve_parallel`` on up to ``hit_threads`` threads
+        for a batch of at least 2048 ids per thread) gives each position its source, copies each host
         row into ``p.out`` and makes the policy's state change for the distinct DRAM ids -- the
         same as ``SlotLRU.access`` would, so eviction decisions and hit counts are unchanged.
         Declines (the general path runs on the same plan) on any miss, on a slot still being
