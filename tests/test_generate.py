@@ -11,13 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engram_model.checkpoint import load_checkpoint, save_checkpoint
+from engram_model.checkpoint import load_checkpoint
 from engram_model.generate import generate, init_state, prefill, step
 from engram_model.serving import load_served
 from engram_store.errors import EngramStoreError
-from test_serving import DOCS, batches, build_store, table_bytes, tiny_model
-
-from engram_model.bpe import train_bpe
+from test_serving import batches, build_store, table_bytes, tiny_checkpoint
 
 TOL = 1e-5
 
@@ -25,9 +23,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("generate")
-    tok = train_bpe(DOCS, vocab_size=300)
-    save_checkpoint(root / "ckpt", tiny_model(tok), tok)
-    ckpt = load_checkpoint(root / "ckpt")
+    _, ckpt = tiny_checkpoint(root / "ckpt")
     build_store(ckpt, root / "store", "mmap")
     return root, ckpt
 

@@ -36,6 +36,13 @@ def tiny_model(tok, seed: int = 0, max_seq_len: int = 24) -> EngramLM:
     return model.eval()
 
 
+def tiny_checkpoint(path):
+    """A tokenizer trained on DOCS and ``tiny_model`` saved with it at ``path``: (tokenizer, loaded checkpoint)."""
+    tok = train_bpe(DOCS, vocab_size=300)
+    save_checkpoint(path, tiny_model(tok), tok)
+    return tok, load_checkpoint(path)
+
+
 def build_store(ckpt, path, backend: str = "mmap", dtype: str = "float32", seed: int = 0):
     """The checkpoint's tables in a random rank order (so rank != row everywhere)."""
     g = torch.Generator().manual_seed(seed)
@@ -62,9 +69,7 @@ def budgets(total: int) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
-    tok = train_bpe(DOCS, vocab_size=300)
-    save_checkpoint(root / "ckpt", tiny_model(tok), tok)
-    ckpt = load_checkpoint(root / "ckpt")
+    tok, ckpt = tiny_checkpoint(root / "ckpt")
     stores = {}
     for backend in ("mmap", "lmdb"):
         for dtype in ("float32", "float16", "bfloat16"):

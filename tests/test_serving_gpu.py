@@ -20,12 +20,10 @@ import pytest
 import torch
 
 import engram_store
-from engram_model.bpe import train_bpe
-from engram_model.checkpoint import load_checkpoint, save_checkpoint
 from engram_model.generate import generate, prefill, step
 from engram_model.serving import load_served
 from engram_store.format import DTYPES
-from test_serving import DOCS, batches, budgets, build_store, reference, table_bytes, tiny_model
+from test_serving import batches, budgets, build_store, reference, table_bytes, tiny_checkpoint
 
 pytestmark = pytest.mark.gpu
 DEVICE = os.environ.get("ENGRAM_GPU_TEST_DEVICE", "cuda")
@@ -42,9 +40,7 @@ def assert_close_report(got: torch.Tensor, want: torch.Tensor, what: str, atol: 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving-gpu")
-    tok = train_bpe(DOCS, vocab_size=300)
-    save_checkpoint(root / "ckpt", tiny_model(tok), tok)
-    ckpt = load_checkpoint(root / "ckpt")
+    _, ckpt = tiny_checkpoint(root / "ckpt")
     stores = {(b, d): build_store(ckpt, root / f"store-{b}-{d}", b, d)
               for b in ("mmap", "lmdb") for d in ("float32", "bfloat16")}
     return root, ckpt, stores
