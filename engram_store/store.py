@@ -68,7 +68,7 @@ def _hit_threads(asked: int | None) -> int:
     if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or asked < 1):
         raise EngramStoreError(f"hit_threads must be a positive integer or None, got {asked!r}")
     n = asked if asked is not None else min(8, len(os.sched_getaffinity(0)) // 2)
-    return max(1, n) if n > 1 and threadsafe_parallel() else 1
+    return n if n > 1 and threadsafe_parallel() else 1
 
 
 class _Load:
