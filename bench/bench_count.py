@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engram_store.counts import count_corpus  # noqa: E402
+from engram_pipeline.counts import count_corpus  # noqa: E402
 
 
 def main() -> int:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.cli import main  # noqa: E402
+from engram_store_cli.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "hits", *sys.argv[1:]]))

@@ -23,8 +23,8 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engram_store  # noqa: E402
-from engram_store.build import build_synthetic, synthetic_rows  # noqa: E402
-from engram_store.pagecache import drop_page_cache  # noqa: E402
+from engram_pipeline.build import build_synthetic, synthetic_rows  # noqa: E402
+from engram_pipeline.pagecache import drop_page_cache  # noqa: E402
 from tools.sizes import parse_size  # noqa: E402
 
 

@@ -52,9 +52,9 @@ from engram_model.corpus import read_text, split_files, stdlib_files  # noqa: E4
 from engram_model.generate import generate  # noqa: E402
 from engram_model.model import EngramLM, ModelConfig  # noqa: E402
 from engram_model.serving import load_served  # noqa: E402
-from engram_store.build import build_from_checkpoint  # noqa: E402
-from engram_store.counts import count_corpus  # noqa: E402
-from engram_store.pagecache import drop_page_cache  # noqa: E402
+from engram_pipeline.build import build_from_checkpoint  # noqa: E402
+from engram_pipeline.counts import count_corpus  # noqa: E402
+from engram_pipeline.pagecache import drop_page_cache  # noqa: E402
 
 PREP_VERSION = 1
 

@@ -43,10 +43,10 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engram_store  # noqa: E402
-from engram_store.disk_lmdb import encode_block  # noqa: E402
-from engram_store.dram import row_buffer  # noqa: E402
+from engram_store.disk.lmdb_zstd import encode_block  # noqa: E402
+from engram_store.resident.dram import row_buffer  # noqa: E402
 from engram_store.format import DTYPES, LMDB_BLOCK_BYTES  # noqa: E402
-from engram_store.pagecache import drop_page_cache as drop_caches  # noqa: E402
+from engram_pipeline.pagecache import drop_page_cache as drop_caches  # noqa: E402
 
 
 def raw_pread(fd: int, ranks: np.ndarray, rb: int, pool: ThreadPoolExecutor, threads: int) -> list[bytes]:

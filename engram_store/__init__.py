@@ -7,15 +7,15 @@
         rows = h.wait()                     # Tensor[*ids.shape, dim] on the store's device
 """
 
-from . import errors
-from .errors import (
+from engram_store import errors
+from engram_store.errors import (
     BudgetError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError,
     StoreClosedError, StoreCorruptError, StoreExistsError, StoreNotFoundError, StoreWriteError, UnknownTableError,
 )
-from .format import FORMAT_VERSION, TableInfo
-from .handle import Handle
-from .store import TableView, TieredStore, open
-from .writer import StoreWriter, write
+from engram_store.format import FORMAT_VERSION, TableInfo
+from engram_store.prefetch.handle import Handle
+from engram_store.store import TableView, TieredStore, open
+from engram_store.writer import StoreWriter, write
 
 __all__ = [
     "open", "write", "StoreWriter", "TieredStore", "TableView", "Handle", "TableInfo", "FORMAT_VERSION", "errors",

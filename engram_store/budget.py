@@ -15,8 +15,8 @@ from __future__ import annotations
 import psutil
 import torch
 
-from .errors import BudgetError
-from .format import TableInfo
+from engram_store.errors import BudgetError
+from engram_store.format import TableInfo
 
 
 def _shares(infos: dict[str, TableInfo], total: int, fractions: dict[str, float]) -> dict[str, int]:

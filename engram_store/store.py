@@ -35,20 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .budget import check_budget, plan_rows
-from .disk_lmdb import LmdbDisk
-from .disk_mmap import MmapDisk
-from .dram import DramTier, rows_view
-from .errors import (
+from engram_store.budget import check_budget, plan_rows
+from engram_store.disk.lmdb_zstd import LmdbDisk
+from engram_store.disk.flatfile import MmapDisk
+from engram_store.resident.dram import DramTier, rows_view
+from engram_store.errors import (
     EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
     StoreCorruptError,
     UnknownTableError,
 )
-from .format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
-from .handle import Handle, done_future
-from .hbm import HbmTier
-from .hit_path import DECLINE, row_word, serve, serve_parallel, threadsafe_parallel
-from .stats import TableStats
+from engram_store.format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
+from engram_store.prefetch.handle import Handle, done_future
+from engram_store.resident.hbm import HbmTier
+from engram_store.resident.hit_path import DECLINE, row_word, serve, serve_parallel, threadsafe_parallel
+from engram_store.stats import TableStats
 
 _HBM, _DRAM, _DISK = 0, 1, 2
 _EMPTY = np.empty(0, np.int64)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import zstandard
 
-from .errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreWriteError
-from .format import (
+from engram_store.errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreWriteError
+from engram_store.format import (
     BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LMDB_DIR, MANIFEST, TableInfo, block_rows_for,
     check_table_name, crc32, dtype_from_any, fsync_path, manifest_bytes, remap_dtype, seal_manifest,
 )
@@ -139,7 +139,7 @@ class StoreWriter:
 
     def _ensure_env(self) -> None:
         if self._env is None:
-            from .disk_lmdb import open_env
+            from engram_store.disk.lmdb_zstd import open_env
             total = sum(t.info.nbytes for t in self._tables.values())
             self._env = open_env(self.tmp / LMDB_DIR, map_size=max(1 << 30, 2 * total + (64 << 20)))
 
@@ -186,7 +186,7 @@ class StoreWriter:
             f.write(data)
             st.crcs.extend(crc32(b) for b in blocks)
         else:
-            from .disk_lmdb import block_key, encode_block
+            from engram_store.disk.lmdb_zstd import block_key, encode_block
             itemsize = st.info.row_bytes // st.info.dim
             with self._env.begin(write=True) as txn:
                 for b in blocks:

@@ -14,8 +14,8 @@ from engram_model.bpe import train_bpe
 from engram_model.checkpoint import load_checkpoint, save_checkpoint
 from engram_model.compression import CompressedTokenizer
 from engram_model.model import EngramLM, ModelConfig
-from engram_store.counts import Counts
-from tools.cli import main
+from engram_pipeline.counts import Counts
+from engram_store_cli.cli import main
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n# note {i % 13} about f{i}\n" for i in range(300)]
 

@@ -14,9 +14,9 @@ import torch
 
 import engram_store
 
-from engram_store.cache_policy import key_record
-from engram_store.dram import row_buffer
-from engram_store.hit_path import DECLINE, row_word, serve, serve_parallel, threadsafe_parallel
+from engram_store.resident.policy import key_record
+from engram_store.resident.dram import row_buffer
+from engram_store.resident.hit_path import DECLINE, row_word, serve, serve_parallel, threadsafe_parallel
 
 N_IDS, N_SLOTS, N_HBM = 500, 120, 40
 

@@ -11,7 +11,7 @@ from engram_model.checkpoint import load_checkpoint
 from engram_model.corpus import iter_texts, split_files, stdlib_files
 from engram_model.train import train, train_or_reuse
 from engram_store.errors import EngramStoreError, StoreNotFoundError
-from tools.cli import main as cli_main
+from engram_store_cli.cli import main as cli_main
 
 TINY = dict(vocab_size=300, seq_len=32, batch_size=4, eval_windows=8, warmup_steps=2,
             model=dict(d_model=32, n_layers=2, n_heads=2, engram_layers=(1,), engram_table_sizes=(101, 103),

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from engram_store.counts import Counts, merge
+from engram_pipeline.counts import Counts, merge
 from engram_store.errors import EngramStoreError, FingerprintMismatchError, StoreCorruptError, StoreNotFoundError
-from engram_store.plan import budget_for_hit_rate, make_plan, overall, plot_plan, zipf_exponent
+from engram_pipeline.plan import budget_for_hit_rate, make_plan, overall, plot_plan, zipf_exponent
 from tools.sizes import parse_size
 
 

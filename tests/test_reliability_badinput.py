@@ -16,8 +16,8 @@ import torch
 
 import engram_store
 from engram_store import budget, format as fmt
-from engram_store.disk_lmdb import LmdbDisk
-from engram_store.disk_mmap import MmapDisk
+from engram_store.disk.lmdb_zstd import LmdbDisk
+from engram_store.disk.flatfile import MmapDisk
 from engram_store.errors import (
     BudgetError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError,
     StoreClosedError, StoreExistsError, StoreNotFoundError, StoreWriteError, UnknownTableError,
@@ -219,7 +219,7 @@ def test_full_disk_during_build(tmp_path, backend):
 
 def test_cli_full_disk_is_one_line(tmp_path):
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "tools.cli", "build", "--synthetic-rows", "200000", "--dim", "16",
+    proc = subprocess.run([sys.executable, "-m", "engram_store_cli.cli", "build", "--synthetic-rows", "200000", "--dim", "16",
                            "-o", str(tmp_path / "s"), "--no-progress"], cwd=repo, capture_output=True, text=True,
                           preexec_fn=lambda: _limit_file_size(1 << 20))
     assert proc.returncode == 2, proc.stderr
@@ -243,7 +243,7 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("argv, code, text", CLI_CASES)
 def test_cli_bad_input(tmp_path, capsys, argv, code, text):
-    from tools.cli import main
+    from engram_store_cli.cli import main
     engram_store.write(tmp_path / "exists", {"t": T})
     rc = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
     out = capsys.readouterr()

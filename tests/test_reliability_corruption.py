@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import engram_store
-from engram_store.disk_lmdb import block_key
+from engram_store.disk.lmdb_zstd import block_key
 from engram_store.errors import EngramStoreError, StoreCorruptError
-from engram_store.verify import verify_store
+from engram_pipeline.verify import verify_store
 
 pytestmark = pytest.mark.reliability
 

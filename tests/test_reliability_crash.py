@@ -206,7 +206,7 @@ def test_kill9_many_trials(tmp_path, backend):
 
 def test_kill9_during_counts_save(tmp_path):
     """``engram-store count`` output: Counts.save is all-or-nothing under kill -9."""
-    from engram_store.counts import Counts
+    from engram_pipeline.counts import Counts
 
     def counts(k):
         return Counts("fp", {"layer1": np.arange(50000, dtype=np.int64) * k, "layer2": np.full(7, k, np.int64)},
@@ -237,13 +237,13 @@ def test_kill9_during_counts_save(tmp_path):
 
 def test_kill9_during_cli_build(tmp_path):
     """``engram-store build --overwrite`` killed at random points (real CLI processes): old or new store, whole."""
-    from engram_store.build import synthetic_rows
+    from engram_pipeline.build import synthetic_rows
 
     out = tmp_path / "s"
     rows, dim = 20000, 16
 
     def build(seed):
-        return [sys.executable, "-m", "tools.cli", "build", "--synthetic-rows", str(rows), "--dim", str(dim),
+        return [sys.executable, "-m", "engram_store_cli.cli", "build", "--synthetic-rows", str(rows), "--dim", str(dim),
                 "--seed", str(seed), "-o", str(out), "--overwrite", "--no-progress"]
 
     repo = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from engram_store.errors import EngramStoreError, FingerprintMismatchError
-from engram_store.simulate import capacity_rows, compulsory, simulate, sweep
-from engram_store.traces import Trace, ranks_from_counts, trace_from_arrays, zipf_trace
+from engram_pipeline.simulate import capacity_rows, compulsory, simulate, sweep
+from engram_pipeline.traces import Trace, ranks_from_counts, trace_from_arrays, zipf_trace
 
 
 def random_trace(rng: np.random.Generator, rows: int, n_req: int, max_len: int, tables: int = 1,
@@ -297,7 +297,7 @@ def test_bad_policy_and_window():
 
 
 def test_warming_in_chunks_equals_one_warm():
-    from engram_store.cache_policy import SlotLRU
+    from engram_store.resident.policy import SlotLRU
 
     rng = np.random.default_rng(5)
     one, chunked = SlotLRU(100, 30), SlotLRU(100, 30)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import engram_store
-from engram_store.cache_policy import SlotLRU
+from engram_store.resident.policy import SlotLRU
 
 ROWS, DIM = 2000, 4
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import engram_store
-from engram_store.simulate import simulate
-from engram_store.traces import ranks_from_counts, zipf_trace
+from engram_pipeline.simulate import simulate
+from engram_pipeline.traces import ranks_from_counts, zipf_trace
 
 
 @pytest.mark.parametrize(("backend", "window", "hbm_share", "fraction", "recency"), [

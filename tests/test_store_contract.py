@@ -299,7 +299,7 @@ class TestMmapStore(StoreContract):
             f.write(bytes([b[0] ^ 0x40]))
 
     def test_update_journal_replayed_after_crash(self, tmp_path, monkeypatch):
-        from engram_store import disk_mmap
+        from engram_store.disk import flatfile as disk_mmap
         T = make_table(1000, 8, torch.float32)
         path = self.build(tmp_path, {"t": T})
         s = engram_store.open(path, device="cpu")
@@ -330,7 +330,7 @@ class TestLmdbStore(StoreContract):
 
     def corrupt_block(self, path, table, block):
         import lmdb
-        from engram_store.disk_lmdb import block_key
+        from engram_store.disk.lmdb_zstd import block_key
         env = lmdb.open(str(path / "rows.lmdb"), subdir=True)
         with env.begin(write=True) as txn:
             v = bytearray(txn.get(block_key(table, block)))

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 import sys
 
-import tools
+import engram_store_cli
 from engram_store.errors import EngramStoreError
 
 
@@ -22,9 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tiered storage for Engram memory tables: train, count, plan, build, serve, bench.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(tools.__path__), key=lambda m: m.name):
+    for info in sorted(pkgutil.iter_modules(engram_store_cli.__path__), key=lambda m: m.name):
         if info.name.startswith("cmd_"):
-            importlib.import_module(f"tools.{info.name}").register(sub)
+            importlib.import_module(f"engram_store_cli.{info.name}").register(sub)
     return parser
 
 

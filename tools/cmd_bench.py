@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from engram_store.errors import EngramStoreError
-from engram_store.simulate import POLICIES, compulsory, simulate
-from engram_store.traces import Trace, text_trace, zipf_trace
+from engram_pipeline.simulate import POLICIES, compulsory, simulate
+from engram_pipeline.traces import Trace, text_trace, zipf_trace
 
 FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -126,7 +126,7 @@ def markdown(name: str, res: dict) -> str:
 
 
 def run_hits(args) -> int:
-    from engram_store.hitplot import plot_hit_rates
+    from engram_pipeline.plots import plot_hit_rates
 
     fractions = _floats(args.capacities, "capacities")
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]

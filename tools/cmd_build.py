@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from engram_store.build import build_from_checkpoint, build_synthetic
+from engram_pipeline.build import build_from_checkpoint, build_synthetic
 from engram_store.errors import EngramStoreError
-from tools.sizes import parse_size
+from engram_store_cli.sizes import parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from engram_store.build import convert_backend, export_safetensors, import_safetensors
-from engram_store.counts import Counts
+from engram_pipeline.build import convert_backend, export_safetensors, import_safetensors
+from engram_pipeline.counts import Counts
 from engram_store.errors import EngramStoreError
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from engram_store.counts import Counts, count_corpus, merge
+from engram_pipeline.counts import Counts, count_corpus, merge
 from engram_store.errors import EngramStoreError, StoreExistsError
 
 

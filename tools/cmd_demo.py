@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from engram_store.demo import run_demo
+from engram_pipeline.demo import run_demo
 
 
 def register(sub: argparse._SubParsersAction) -> None:

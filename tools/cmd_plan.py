@@ -6,9 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from engram_store.counts import Counts
-from engram_store.plan import budget_for_hit_rate, make_plan, overall, plot_plan
-from tools.sizes import parse_size
+from engram_pipeline.counts import Counts
+from engram_pipeline.plan import budget_for_hit_rate, make_plan, overall, plot_plan
+from engram_store_cli.sizes import parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:

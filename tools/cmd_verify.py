@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from engram_store.verify import verify_store
+from engram_pipeline.verify import verify_store
 
 
 def register(sub: argparse._SubParsersAction) -> None:

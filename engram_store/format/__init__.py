@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EngramStoreError, InvalidValuesError, StoreCorruptError, StoreNotFoundError
+from engram_store.errors import EngramStoreError, InvalidValuesError, StoreCorruptError, StoreNotFoundError
 
 FORMAT_NAME = "engram-store"
 FORMAT_VERSION = 1

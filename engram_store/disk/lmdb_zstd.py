@@ -23,9 +23,9 @@ import lmdb
 import numpy as np
 import zstandard
 
-from .disk_blocks import BlockDisk, BlockTable
-from .errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
-from .format import LMDB_DIR, TableInfo, crc32, shuffle_bytes
+from engram_store.disk.blocks import BlockDisk, BlockTable
+from engram_store.errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
+from engram_store.format import LMDB_DIR, TableInfo, crc32, shuffle_bytes
 
 
 def block_key(table: str, block: int) -> bytes:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .disk_blocks import BlockDisk, BlockTable
-from .errors import StoreCorruptError, StoreNotFoundError
-from .format import TableInfo, crc32, fsync_path
+from engram_store.disk.blocks import BlockDisk, BlockTable
+from engram_store.errors import StoreCorruptError, StoreNotFoundError
+from engram_store.format import TableInfo, crc32, fsync_path
 
 JOURNAL = "journal"
 _JOURNAL_MAGIC = b"ESJ1"

@@ -259,7 +259,7 @@ def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike
 
     ckpt = load_checkpoint(checkpoint)
     if corpus:
-        from engram_store.counts import expand_corpus
+        from engram_pipeline.counts import expand_corpus
 
         files = expand_corpus(corpus)
         corpus_name = ",".join(str(p) for p in corpus)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .build import build_from_checkpoint
-from .counts import count_corpus
-from .plan import overall
-from .store import open as open_store
+from engram_pipeline.build import build_from_checkpoint
+from engram_pipeline.counts import count_corpus
+from engram_pipeline.plan import overall
+from engram_store.store import open as open_store
 
 
 def _say(msg: str) -> None:
@@ -67,7 +67,7 @@ def run_demo(workdir="engram-demo", *, steps: int | None = None, hbm_fraction: f
     hbm, dram = int(table_bytes * hbm_fraction), int(table_bytes * dram_fraction)
     built = build_from_checkpoint(ckpt_dir, counts, store_dir, hbm_bytes=hbm, dram_bytes=dram, backend=backend,
                                   overwrite=True)
-    from .plan import TablePlan
+    from engram_pipeline.plan import TablePlan
 
     plan = {n: TablePlan(**p) for n, p in built["plan"].items()}
     predicted = overall(plan, counts)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import read_rows
+from engram_store.format import read_rows
 
 
 class BlockTable:

@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .counts import Counts
-from .errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreNotFoundError
-from .format import DTYPE_NAMES, DTYPES, read_manifest
-from .plan import DTYPE_BYTES, TablePlan, make_plan
-from .store import TieredStore
-from .writer import StoreWriter
+from engram_pipeline.counts import Counts
+from engram_store.errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreNotFoundError
+from engram_store.format import DTYPE_NAMES, DTYPES, read_manifest
+from engram_pipeline.plan import DTYPE_BYTES, TablePlan, make_plan
+from engram_store.store import TieredStore
+from engram_store.writer import StoreWriter
 
 _CHUNK_BYTES = 64 << 20
 
@@ -75,12 +75,12 @@ def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike, out, *
     order = {n: torch.from_numpy(counts.order(n)) for n in tables}
     start = time.perf_counter()
     if shards > 1:
-        from .sharded import write_shards
+        from engram_store.sharded import write_shards
 
         write_shards(out, tables, order, shards, backend=backend, fingerprint=ckpt.fingerprint,
                      tier_plan=tier_plan, overwrite=overwrite)
     else:
-        from .writer import write
+        from engram_store.writer import write
 
         write(out, tables, order, backend=backend, fingerprint=ckpt.fingerprint, tier_plan=tier_plan,
               overwrite=overwrite)
@@ -210,7 +210,7 @@ def export_safetensors(src, out, *, overwrite: bool = False) -> dict:
     if (src / "manifest.json").is_file():
         tables, fingerprint = read_tables(src), read_manifest(src).get("fingerprint")
     else:
-        from .sharded import join_shards, read_layout
+        from engram_store.sharded import join_shards, read_layout
 
         tables, fingerprint = join_shards(src), read_layout(src).get("fingerprint")
     partial = out.with_name(out.name + ".partial")
@@ -243,7 +243,7 @@ def import_safetensors(file, out, *, backend: str = "mmap", counts: Counts | Non
         if fingerprint is not None:
             counts.check_fingerprint(fingerprint, str(file))
         order = {n: torch.from_numpy(counts.order(n)) for n in tables}
-    from .writer import write
+    from engram_store.writer import write
 
     write(out, tables, order, backend=backend, fingerprint=fingerprint, overwrite=overwrite)
     return {"source": str(file), "store": str(out), "backend": backend}

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .cache_policy import SlotLRU
-from .hit_path import row_word
+from engram_store.resident.policy import SlotLRU
+from engram_store.resident.hit_path import row_word
 
 
 def rows_view(a: np.ndarray) -> np.ndarray:

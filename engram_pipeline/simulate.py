@@ -9,7 +9,7 @@ accesses, which is what ``store.stats()`` counts.
 Policies (all simulated exactly, vectorized per request):
 
 - ``ours``: the store. HBM holds the ``H`` highest-ranked rows (static, from training
-  counts); DRAM is :class:`~engram_store.cache_policy.SlotLRU` with ``C = capacity - H``
+  counts); DRAM is :class:`~engram_store.resident.policy.SlotLRU` with ``C = capacity - H``
   slots, warmed with ranks ``[H, H+C)``, every access pinning its slots until the handle is
   released, handles released in issue order with at most ``window`` outstanding. It runs
   the very class the store runs, so it predicts the store's counts exactly.
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engram_store.cache_policy import SlotLRU
+from engram_store.resident.policy import SlotLRU
 from engram_store.errors import EngramStoreError
-from engram_store.traces import Trace, ranks_from_counts
+from engram_pipeline.traces import Trace, ranks_from_counts
 
 POLICIES = ("ours", "belady", "lru", "lfu", "fifo", "static")
 DEFAULT_FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)

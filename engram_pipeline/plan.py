@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from engram_store.counts import Counts
+from engram_pipeline.counts import Counts
 from engram_store.errors import EngramStoreError
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

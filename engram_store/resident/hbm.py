@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .dram import row_buffer, rows_view
-from .hit_path import row_word
+from engram_store.resident.dram import row_buffer, rows_view
+from engram_store.resident.hit_path import row_word
 
 
 class HbmTier:

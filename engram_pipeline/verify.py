@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .errors import EngramStoreError
-from .store import TieredStore
+from engram_store.errors import EngramStoreError
+from engram_store.store import TieredStore
 
 _BLOCKS_PER_READ = 256
 
