@@ -3,7 +3,7 @@ corruption trials, and the cost of checksum verification on cold reads.
 
     python bench/reliability_soak.py --minutes 5
 
-Uses the same workloads as tests/test_reliability_*.py (imported from there), for as long as it
+Uses the same workloads as tests/store/reliability/test_reliability_*.py (imported from there), for as long as it
 is told; prints a markdown table and ends with ONE JSON line (ops, wrong rows, lost updates, ...).
 Exit status 1 if any wrong row, lost update, error or undetected corruption was seen.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "store" / "reliability")]
 
 import engram_store  # noqa: E402
 import test_reliability_concurrency as conc  # noqa: E402

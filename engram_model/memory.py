@@ -14,16 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engram_store.errors import InvalidRowIdsError
-
-
-@runtime_checkable
-class Pending(Protocol):
-    def wait(self) -> torch.Tensor:
-        """Rows of the prefetch: Tensor[*row_ids.shape, dim]."""
-
-    def done(self) -> bool:
-        """True when wait() would not block."""
+from engram_store.ids import as_ids
+from engram_store.prefetch.handle import Pending, Ready
 
 
 @runtime_checkable
@@ -33,35 +25,6 @@ class MemoryTable(Protocol):
 
     def prefetch(self, row_ids: torch.Tensor) -> Pending:
         """Start fetching ``row_ids`` (any shape); returns at once."""
-
-
-class ReadyPending:
-    """A Pending whose result is computed on the caller's thread at wait() (never blocks on I/O)."""
-
-    __slots__ = ("_fn", "_value")
-
-    def __init__(self, fn):
-        self._fn = fn
-        self._value = None
-
-    def done(self) -> bool:
-        return True
-
-    def wait(self) -> torch.Tensor:
-        if self._value is None:
-            self._value = self._fn()
-            self._fn = None
-        return self._value
-
-
-def check_row_ids(row_ids: torch.Tensor, rows: int) -> None:
-    """Raise InvalidRowIdsError unless ``row_ids`` is an integer tensor with values in [0, rows)."""
-    if not isinstance(row_ids, torch.Tensor) or row_ids.dtype.is_floating_point or row_ids.dtype == torch.bool:
-        raise InvalidRowIdsError(f"row ids must be an integer tensor, got {getattr(row_ids, 'dtype', type(row_ids))}")
-    if row_ids.numel():
-        lo, hi = int(row_ids.min()), int(row_ids.max())
-        if lo < 0 or hi >= rows:
-            raise InvalidRowIdsError(f"row id {lo if lo < 0 else hi} is outside the table's [0, {rows})")
 
 
 class ParamMemoryTable(nn.Module):
@@ -88,11 +51,11 @@ class ParamMemoryTable(nn.Module):
     def dim(self) -> int:
         return self.weight.shape[1]
 
-    def prefetch(self, row_ids: torch.Tensor) -> ReadyPending:
-        check_row_ids(row_ids, self.rows)
+    def prefetch(self, row_ids: torch.Tensor) -> Ready:
+        as_ids(row_ids, self.rows, "param")
         weight, sparse = self.weight, self.sparse
         ids = row_ids.to(weight.device)
-        return ReadyPending(lambda: F.embedding(ids, weight, sparse=sparse))
+        return Ready(fn=lambda: F.embedding(ids, weight, sparse=sparse))
 
     def extra_repr(self) -> str:
         return f"rows={self.rows}, dim={self.dim}"

@@ -81,18 +81,22 @@ class TimedPending:
     def _attach(self, handle):
         """Called with the store's handle right after ``store.prefetch`` returned."""
         self._handle = handle
-        fut = getattr(handle, "_future", None)  # engram_store.Handle keeps its concurrent Future here
-        if fut is not None:
-            fut.add_done_callback(self._on_ready)
+        handle.add_done_callback(self._on_ready)
         return handle
 
-    def _on_ready(self, _fut) -> None:
+    def _on_ready(self) -> None:
         self._ready = time.perf_counter()
 
     def done(self) -> bool:
         if self._handle is None:
             return False
         return self._handle.done()
+
+    def add_done_callback(self, fn) -> None:
+        if self._handle is not None:
+            self._handle.add_done_callback(fn)
+        else:  # still being issued on the issue thread
+            self._issuing.add_done_callback(lambda f: f.result().add_done_callback(fn))
 
     def wait(self) -> torch.Tensor:
         t0 = time.perf_counter()

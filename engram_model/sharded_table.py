@@ -35,10 +35,10 @@ import torch.distributed as dist
 from torch import nn
 
 from engram_store.errors import EngramStoreError, InvalidRowIdsError
+from engram_store.prefetch.handle import Ready
 from engram_store.sharded import (
     DEFAULT_TIMEOUT_S,
     CollectiveOrderError,
-    DoneHandle,
     Exchange,
     Route,
     peer_failure,
@@ -121,8 +121,8 @@ class ShardedEmbedding(nn.Module):
         self._failed: BaseException | None = None
 
     # -- the MemoryTable protocol
-    def prefetch(self, row_ids: torch.Tensor) -> DoneHandle:
-        return DoneHandle(self(row_ids))
+    def prefetch(self, row_ids: torch.Tensor) -> Ready:
+        return Ready(self(row_ids))
 
     def forward(self, row_ids: torch.Tensor) -> torch.Tensor:
         """Rows for global ``row_ids`` (any shape) -> ``[*row_ids.shape, dim]``, differentiable."""

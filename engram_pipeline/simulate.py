@@ -9,7 +9,7 @@ accesses, which is what ``store.stats()`` counts.
 Policies (all simulated exactly, vectorized per request):
 
 - ``ours``: the store. HBM holds the ``H`` highest-ranked rows (static, from training
-  counts); DRAM is :class:`~engram_store.resident.policy.SlotLRU` with ``C = capacity - H``
+  counts); DRAM is :class:`~engram_store.resident.policy.SlotPolicy` with ``C = capacity - H``
   slots, warmed with ranks ``[H, H+C)``, every access pinning its slots until the handle is
   released, handles released in issue order with at most ``window`` outstanding. It runs
   the very class the store runs, so it predicts the store's counts exactly.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engram_store.resident.policy import SlotLRU
+from engram_store.resident.policy import SlotPolicy
 from engram_store.errors import EngramStoreError
 from engram_pipeline.traces import Trace, ranks_from_counts
 
@@ -166,7 +166,7 @@ def _simulate_ours(trace: Trace, caps: dict[str, int], ranks: dict[str, np.ndarr
     hbm = {t: int(round(hbm_share * c)) for t, c in caps.items()}
     lrus = {}
     for t, c in caps.items():
-        lru = SlotLRU(trace.rows[t], c - hbm[t], **policy_kwargs)
+        lru = SlotPolicy(trace.rows[t], c - hbm[t], **policy_kwargs)
         lru.warm(np.arange(hbm[t], min(c, trace.rows[t]), dtype=np.int64))
         lrus[t] = lru
     hbm_hits = dict.fromkeys(caps, 0)
@@ -192,7 +192,7 @@ def simulate(trace: Trace, policy: str, capacity: float | Mapping[str, int], *, 
 
     ``ours`` splits each table's capacity into ``round(hbm_share * capacity)`` HBM rows and the
     rest DRAM slots; ``window`` is the number of outstanding handles (>= 1);
-    ``policy_kwargs`` go to :class:`SlotLRU`.
+    ``policy_kwargs`` go to :class:`SlotPolicy`.
     """
     if policy not in POLICIES:
         raise EngramStoreError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")

@@ -16,7 +16,7 @@ Data path of one prefetch: when every row is resident (the common case), one com
 (``hit_path.serve``) finds each id's HBM rank or DRAM slot in its policy record, records the
 access and copies the row (on CUDA, HBM rows are gathered on the device after it); the
 handle is done at once. Otherwise: ids ->
-dedupe -> ``rank = remap[id]`` -> ``rank < H``: HBM tier; else ``SlotLRU.access`` (the handle
+dedupe -> ``rank = remap[id]`` -> ``rank < H``: HBM tier; else ``SlotPolicy.access`` (the handle
 holds every returned slot): hits are gathered from the slab (after waiting for a slot still
 being filled by an earlier load), misses are read from disk by a job on the pool, which
 first copies the admitted ones into their slots and marks them ready; misses with slot -1
@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram_store.ids import as_ids
 from engram_store.budget import check_budget, plan_rows
-from engram_store.disk.lmdb_zstd import LmdbDisk
-from engram_store.disk.flatfile import MmapDisk
+from engram_store.disk import open_disk
 from engram_store.resident.dram import DramTier, rows_view
 from engram_store.errors import (
     EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
@@ -213,10 +213,9 @@ class TieredStore:
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._hit_threads = _hit_threads(hit_threads)
         pin = self.device.type == "cuda"
-        disk_cls = MmapDisk if self.backend == "mmap" else LmdbDisk
         self._disk = None
         try:
-            self._disk = disk_cls(self.path, manifest, infos, self._io_pool, io_threads, verify_reads)
+            self._disk = open_disk(self.path, manifest, infos, self._io_pool, io_threads, verify_reads)
             self._t: dict[str, _Table] = {}
             for name, info in infos.items():
                 remap = load_remap(self.path, name, manifest["tables"][name], info.rows)
@@ -254,29 +253,6 @@ class TieredStore:
             raise UnknownTableError(f"unknown table {name!r}: this store holds {sorted(self._t)}")
         return t
 
-    @staticmethod
-    def _ids(t: _Table, row_ids) -> np.ndarray:
-        if isinstance(row_ids, torch.Tensor):
-            if row_ids.dtype.is_floating_point or row_ids.dtype.is_complex or row_ids.dtype == torch.bool:
-                raise InvalidRowIdsError(f"row ids of table {t.name!r} must be integers, got {row_ids.dtype}")
-            a = row_ids.detach().cpu().numpy()
-        else:
-            a = np.asarray(row_ids)
-            if a.size == 0 and a.dtype.kind == "f":
-                a = a.astype(np.int64)
-            if a.dtype.kind not in "iu":
-                raise InvalidRowIdsError(f"row ids of table {t.name!r} must be integers, got {a.dtype}")
-        if a.dtype == np.uint64 and a.size and a.max() > np.iinfo(np.int64).max:
-            raise InvalidRowIdsError(f"row ids of table {t.name!r} must be in [0, {t.info.rows})")
-        a = a.astype(np.int64, copy=False)
-        # one pass: a negative id viewed as uint64 is >= 2**63, so it fails the same bound
-        if a.size and int(a.view(np.uint64).max()) >= t.info.rows:
-            lo, hi = int(a.min()), int(a.max())
-            raise InvalidRowIdsError(
-                f"row ids of table {t.name!r} must be in [0, {t.info.rows}); got min {lo}, max {hi}"
-            )
-        return a
-
     def _drain_releases(self) -> None:
         while self._releases:
             self._release(self._releases.popleft())
@@ -301,7 +277,7 @@ class TieredStore:
     def prefetch(self, table: str, row_ids) -> Handle:
         """Start fetching ``row_ids`` (any shape) of ``table``; returns at once. Thread-safe."""
         t = self._table(table)
-        ids = self._ids(t, row_ids)
+        ids = as_ids(row_ids, t.info.rows, t.name)
         shape = ids.shape
         with self._lock:
             if self._closed:
@@ -341,7 +317,7 @@ class TieredStore:
         One compiled pass (``hit_path.serve``; ``serve_parallel`` on up to ``hit_threads`` threads
         for a batch of at least 2048 ids per thread) gives each position its source, copies each host
         row into ``p.out`` and makes the policy's state change for the distinct DRAM ids -- the
-        same as ``SlotLRU.access`` would, so eviction decisions and hit counts are unchanged.
+        same as ``SlotPolicy.access`` would, so eviction decisions and hit counts are unchanged.
         Declines (the general path runs on the same plan) on any miss, on a slot still being
         filled by an earlier load, and on empty batches.
         """
@@ -527,7 +503,7 @@ class TieredStore:
         refreshed before the store lock is released. Thread-safe.
         """
         t = self._table(table)
-        ids = self._ids(t, row_ids)
+        ids = as_ids(row_ids, t.info.rows, t.name)
         info = t.info
         if not isinstance(values, torch.Tensor):
             raise InvalidValuesError(f"values for table {table!r} must be a torch.Tensor, got {type(values).__name__}")

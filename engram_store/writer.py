@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import zstandard
 
+from engram_store.ids import as_permutation
 from engram_store.errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreWriteError
 from engram_store.format import (
     BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LMDB_DIR, MANIFEST, TableInfo, block_rows_for,
@@ -50,20 +51,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _as_order(order, rows: int) -> np.ndarray | None:
-    if order is None:
-        return None
-    o = order.detach().cpu().numpy() if isinstance(order, torch.Tensor) else np.asarray(order)
-    if o.dtype.kind not in "iu" or o.shape != (rows,):
-        raise InvalidValuesError(f"order must be {rows} integer row ids (rank -> row id), got {o.dtype} {o.shape}")
-    o = o.astype(np.int64)
-    if rows:
-        if o.min() < 0 or o.max() >= rows:
-            raise InvalidValuesError("order holds row ids out of range: it must be a permutation of 0..rows-1")
-        seen = np.zeros(rows, bool)
-        seen[o] = True
-        if not seen.all():
-            raise InvalidValuesError("order is not a permutation of 0..rows-1 (a row id repeats)")
-    return o
+    return None if order is None else as_permutation(order, rows)
 
 
 class _TableState:

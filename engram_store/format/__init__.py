@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from engram_store.errors import EngramStoreError, InvalidValuesError, StoreCorruptError, StoreNotFoundError
+from engram_store.ids import as_permutation
 
 FORMAT_NAME = "engram-store"
 FORMAT_VERSION = 1
@@ -199,14 +200,8 @@ def load_remap(path: Path, name: str, entry: dict, rows: int) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise StoreCorruptError(f"{rpath}: unreadable remap array ({e}); rebuild the store") from e
     if remap.ndim != 1 or remap.shape[0] != rows or remap.dtype.kind != "i":
-        raise StoreCorruptError(f"{rpath}: expected {rows} integer ranks, got {remap.dtype} {remap.shape}")
-    if rows:
-        seen = np.zeros(rows, dtype=bool)
-        if remap.min() < 0 or remap.max() >= rows:
-            raise StoreCorruptError(f"{rpath}: ranks out of range; rebuild the store")
-        seen[remap] = True
-        if not seen.all():
-            raise StoreCorruptError(f"{rpath}: remap is not a permutation; rebuild the store")
+        raise StoreCorruptError(f"{rpath}: expected {rows} integer ranks, got {remap.dtype} {remap.shape}; rebuild the store")
+    as_permutation(remap, rows, f"{rpath} (rebuild the store)", StoreCorruptError)
     return remap.astype(np.int64, copy=False)
 
 

@@ -1,4 +1,10 @@
-"""The handle a prefetch returns: ``wait()`` gives the rows, ``done()`` says whether it would block.
+"""Pending rows: the one protocol every prefetch returns (store, sharded store, in-memory table).
+
+``Pending``: ``wait()`` gives the rows, ``done()`` says whether it would block, and
+``add_done_callback(fn)`` calls ``fn()`` once the rows are ready or failed (at once if they are).
+:class:`Handle` is the store's (rows being read on its pools); :class:`Ready` one whose rows are
+already there or computed on the caller's thread at ``wait()``.
+
 
 A handle holds pins on the DRAM slots its rows occupy (the lookahead guarantee: no later
 prefetch can evict them). The pins are released exactly once: by the first ``wait()``
@@ -15,8 +21,45 @@ from __future__ import annotations
 import time
 import weakref
 from concurrent.futures import Future
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class Pending(Protocol):
+    def wait(self) -> torch.Tensor:
+        """The rows, ``Tensor[*row_ids.shape, dim]`` (blocks until ready)."""
+
+    def done(self) -> bool:
+        """True when ``wait()`` would not block."""
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` once the rows are ready or failed (at once if they are)."""
+
+
+class Ready:
+    """Rows that are already there (``value``) or computed on the caller's thread at the first ``wait()``
+    (``fn``): never blocks on I/O."""
+
+    __slots__ = ("_fn", "_value")
+
+    def __init__(self, value: torch.Tensor | None = None, fn: Callable[[], torch.Tensor] | None = None) -> None:
+        if (value is None) == (fn is None):
+            raise TypeError("Ready takes a value or a function, not both")
+        self._fn, self._value = fn, value
+
+    def done(self) -> bool:
+        return True
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    def wait(self, timeout: float | None = None) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._fn()
+            self._fn = None
+        return self._value
 
 
 def _release_when_done(future: Future, queue_release) -> None:
@@ -32,6 +75,9 @@ class Handle:
         self._stats = stats
         self._synced = False
         self._finalizer = weakref.finalize(self, _release_when_done, future, queue_release)
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        self._future.add_done_callback(lambda _f: fn())
 
     def done(self) -> bool:
         if not self._future.done():

@@ -1,6 +1,6 @@
-"""The DRAM tier: a host slab of ``capacity`` row slots, placed by :class:`SlotLRU`.
+"""The DRAM tier: a host slab of ``capacity`` row slots, placed by :class:`SlotPolicy`.
 
-The policy (``cache_policy.SlotLRU``, keyed by row id, ranked by the table's remap) decides
+The policy (``cache_policy.SlotPolicy``, keyed by row id, ranked by the table's remap) decides
 hits, admissions, victims and holds; its per-id records also mark the HBM tier's ids
 (``slot = -2 - rank``), so the hit path (``hit_path``) learns where any id lives from one
 record. This module holds bytes: ``slab`` (``[capacity, row_bytes]`` uint8,
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from engram_store.resident.policy import SlotLRU
+from engram_store.resident.policy import SlotPolicy
 from engram_store.resident.hit_path import row_word
 
 
@@ -57,7 +57,7 @@ class DramTier:
     """``capacity`` slots for the ids of a table whose rank is ``>= hbm_rows`` (``remap``: id -> rank)."""
 
     def __init__(self, remap: np.ndarray, hbm_rows: int, capacity: int, row_bytes: int, pin: bool) -> None:
-        self.policy = SlotLRU(remap.size, capacity, order=remap)
+        self.policy = SlotPolicy(remap.size, capacity, order=remap)
         cap = self.policy.capacity
         self.hbm_rows = hbm_rows
         # ids of ranks [0, hbm_rows + cap), by rank: the HBM tier's markers and the warm order

@@ -4,12 +4,12 @@ Why compiled: on a hit the store must find each row (HBM rank or DRAM slot), rec
 access for the replacement policy and copy the row. As NumPy passes that was five
 random-access sweeps with temporaries (remap, slot map, dedupe mask, counts, ages) and cost
 3-5x the row copy itself. Here it is one loop, and every per-row fact it reads or writes sits
-in one 16-byte record per row id (``SlotLRU.keys``: slot, access count, last use), so a hit
+in one 16-byte record per row id (``SlotPolicy.keys``: slot, access count, last use), so a hit
 costs one cache line of bookkeeping next to the row's own lines. The loop also copies each
 row into the output: with the record and the row asked for ahead of use (software prefetch),
 a random row costs less than NumPy's ``take`` spends on it alone.
 
-The state change is exactly ``SlotLRU.access`` of the batch's distinct DRAM keys when all of
+The state change is exactly ``SlotPolicy.access`` of the batch's distinct DRAM keys when all of
 them hit (clock, access counts, ages, hit count), so simulated and served hit counts still
 agree; when a row is missing (or still being loaded) the pass undoes what it wrote and the
 store takes its general path (the rows it copied so far are simply overwritten there).

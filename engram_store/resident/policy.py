@@ -5,11 +5,11 @@ This is pure policy (cachetools' lesson: policy apart from storage). It knows ke
 DRAM tier calls it to decide, and the hit-rate simulator in ``bench`` calls the very
 same class, so simulated and measured hit counts agree by construction.
 
-Lookahead: the caller *holds* the slots of a batch (:meth:`SlotLRU.hold`, a token) until it
+Lookahead: the caller *holds* the slots of a batch (:meth:`SlotPolicy.hold`, a token) until it
 :meth:`release` s the token (the store releases when the handle is waited on). A held slot is
 never chosen as a victim, so a later prefetch cannot evict rows an earlier, unwaited
 one still needs; eviction takes free slots first, then the unheld slot of lowest score
-(plain LRU: the least recently used; see :class:`SlotLRU`). Holds are a registry of slot
+(plain LRU: the least recently used; see :class:`SlotPolicy`). Holds are a registry of slot
 arrays, not per-slot counters: a hit costs no pin write, and only an eviction (rare,
 batched) builds the held mask from the registry.
 
@@ -39,7 +39,7 @@ def _increment(counts: np.ndarray, idx: np.ndarray) -> None:
     counts[idx] = v
 
 
-class SlotLRU:
+class SlotPolicy:
     """Recency/frequency cache over ``capacity`` slots for keys in ``[0, n_keys)``, with pin counts.
 
     Victims (among unpinned slots) are those of lowest *score*. With ``recency=None`` the

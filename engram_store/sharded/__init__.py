@@ -61,6 +61,8 @@ from engram_store.errors import (
     UnknownTableError,
 )
 from engram_store.format import fsync_path
+from engram_store.ids import as_id_tensor
+from engram_store.prefetch.handle import Ready
 
 OWNER_FUNCTION = "row_mod_n"  # owner = row % n, local index = row // n
 LAYOUT_FILE = "shards.json"
@@ -502,6 +504,9 @@ class ShardedHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    def add_done_callback(self, fn) -> None:
+        self._future.add_done_callback(lambda _f: fn())
+
     def wait(self, timeout: float | None = None) -> torch.Tensor:
         """``Tensor[*row_ids.shape, dim]`` on the store's device. Raises :class:`PeerFailureError`
         if a peer died or the exchange did not finish within ``timeout`` (default: the store's)."""
@@ -571,7 +576,7 @@ class ShardedStore:
         """Start fetching global ``row_ids`` (any shape) of ``table``; returns at once.
         Collective: every rank must call it for the same table, in the same order."""
         info = self._info(table)
-        ids = _validate_ids(row_ids, info.rows, table)
+        ids = as_id_tensor(row_ids, info.rows, table)
         with self._lock:
             if self._closed:
                 raise StoreClosedError("prefetch on a closed ShardedStore; open it again")
@@ -644,19 +649,6 @@ class ShardedStore:
         self.close()
 
 
-class DoneHandle:
-    """An already-finished handle (the MemoryTable protocol's Pending) holding its rows."""
-
-    def __init__(self, value: torch.Tensor) -> None:
-        self._value = value
-
-    def done(self) -> bool:
-        return True
-
-    def wait(self, timeout: float | None = None) -> torch.Tensor:
-        return self._value
-
-
 @dataclass
 class _ShardedTableView:
     store: ShardedStore
@@ -666,18 +658,6 @@ class _ShardedTableView:
 
     def prefetch(self, row_ids: torch.Tensor) -> ShardedHandle:
         return self.store.prefetch(self.name, row_ids)
-
-
-def _validate_ids(row_ids: Any, rows: int, table: str) -> torch.Tensor:
-    ids = torch.as_tensor(row_ids)
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise InvalidRowIdsError(f"row ids for {table!r} must be integers, got {ids.dtype}")
-    ids = ids.to(torch.int64)
-    if ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= rows:
-            raise InvalidRowIdsError(f"row ids for {table!r} must be in [0, {rows}), got min {lo} max {hi}")
-    return ids
 
 
 def open_sharded(

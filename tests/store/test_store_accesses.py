@@ -1,9 +1,9 @@
-"""Access-weighted counters and the all-hit fast path against a reference SlotLRU.
+"""Access-weighted counters and the all-hit fast path against a reference SlotPolicy.
 
 ``stats()[t][tier]["accesses"]`` counts ids served by each tier including repeats within a
 batch; ``hits`` stay distinct rows. Batches that hit only resident rows take the store's
 compiled hit path (``hit_path.serve``); the policy state must equal that of a plain
-``SlotLRU.access`` of the distinct keys, call for call.
+``SlotPolicy.access`` of the distinct keys, call for call.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import engram_store
-from engram_store.resident.policy import SlotLRU
+from engram_store.resident.policy import SlotPolicy
 
 ROWS, DIM = 2000, 4
 
@@ -28,7 +28,7 @@ def test_accesses_and_fast_path_match_reference(tmp_path, backend, hbm_rows, dra
     with engram_store.open(path, device="cpu", hbm_bytes=hbm_rows * DIM * 4, dram_bytes=dram_rows * DIM * 4) as s:
         remap = s.remap("t").astype(np.int64)
         H = hbm_rows
-        ref = SlotLRU(ROWS, dram_rows)
+        ref = SlotPolicy(ROWS, dram_rows)
         ref.warm(np.arange(H, H + dram_rows))
         want = {"hbm": 0, "dram": 0, "disk": 0}
         hbm_hits, pending = 0, []

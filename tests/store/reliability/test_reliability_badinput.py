@@ -218,7 +218,7 @@ def test_full_disk_during_build(tmp_path, backend):
 
 
 def test_cli_full_disk_is_one_line(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     proc = subprocess.run([sys.executable, "-m", "engram_store_cli.cli", "build", "--synthetic-rows", "200000", "--dim", "16",
                            "-o", str(tmp_path / "s"), "--no-progress"], cwd=repo, capture_output=True, text=True,
                           preexec_fn=lambda: _limit_file_size(1 << 20))

@@ -9,7 +9,8 @@ import torch.nn as nn
 from engram_model.bpe import train_bpe
 from engram_model.compression import CompressedTokenizer
 from engram_model.engram import Engram, ShortConv
-from engram_model.memory import MemoryTable, ParamMemoryTable, Pending, ReadyPending
+from engram_model.memory import MemoryTable, ParamMemoryTable, Pending
+from engram_store.prefetch.handle import Ready
 from engram_model.model import EngramLM, ModelConfig
 from engram_store.errors import EngramStoreError, InvalidRowIdsError
 
@@ -179,5 +180,5 @@ def test_baseline_has_same_backbone_init(comp_and_cfg):
 
 
 def test_ready_pending():
-    p = ReadyPending(lambda: torch.ones(2))
+    p = Ready(fn=lambda: torch.ones(2))
     assert p.done() and torch.equal(p.wait(), torch.ones(2)) and p.wait() is p.wait()

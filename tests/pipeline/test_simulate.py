@@ -99,7 +99,7 @@ def ref_policy(policy: str, reqs: list[np.ndarray], cap: int, rank: np.ndarray) 
 
 
 class RefSlotLRU:
-    """SlotLRU's documented semantics, one key at a time with dicts."""
+    """SlotPolicy's documented semantics, one key at a time with dicts."""
 
     def __init__(self, n_keys: int, capacity: int, recency: float | None = 0.1) -> None:
         self.cap = min(capacity, n_keys)
@@ -297,10 +297,10 @@ def test_bad_policy_and_window():
 
 
 def test_warming_in_chunks_equals_one_warm():
-    from engram_store.resident.policy import SlotLRU
+    from engram_store.resident.policy import SlotPolicy
 
     rng = np.random.default_rng(5)
-    one, chunked = SlotLRU(100, 30), SlotLRU(100, 30)
+    one, chunked = SlotPolicy(100, 30), SlotPolicy(100, 30)
     one.warm(np.arange(10, 40))
     for s in range(10, 40, 7):
         chunked.warm(np.arange(s, min(40, s + 7)))

@@ -246,7 +246,7 @@ def test_kill9_during_cli_build(tmp_path):
         return [sys.executable, "-m", "engram_store_cli.cli", "build", "--synthetic-rows", str(rows), "--dim", str(dim),
                 "--seed", str(seed), "-o", str(out), "--overwrite", "--no-progress"]
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     subprocess.run(build(0), check=True, cwd=repo, capture_output=True)
     expect = {s: synthetic_rows(s, np.arange(rows), dim) for s in (0, 1)}
     rng = np.random.default_rng(3)
