@@ -148,8 +148,8 @@ def test_row_buffer_layout_and_row_word():
 def test_store_with_hit_threads_matches_one_thread(tmp_path, monkeypatch):
     """Big all-resident batches through the parallel hit path: same rows, stats and policy state."""
     calls = []
-    real = engram_store.store.serve_parallel
-    monkeypatch.setattr(engram_store.store, "serve_parallel", lambda *a: calls.append(a[-1]) or real(*a))
+    real = engram_store.resident.table.serve_parallel
+    monkeypatch.setattr(engram_store.resident.table, "serve_parallel", lambda *a: calls.append(a[-1]) or real(*a))
     rows, dim = 30_000, 8
     rng = np.random.default_rng(4)
     T = torch.randn(rows, dim)
