@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from engram_model.compression import CompressedTokenizer
 from engram_model.hashing import HashConfig, NgramHasher, fingerprint
-from engram_model.memory import ParamMemoryTable
+from engram_model.memory import ParamMemoryTable, table_name
 from engram_model.model import EngramLM, ModelConfig
 from engram_store.errors import (
     EngramStoreError,
@@ -41,7 +41,7 @@ def save_checkpoint(dir, model: EngramLM, tokenizer: Tokenizer, extra: dict | No
     """Write the checkpoint into ``dir`` (created; existing files of the checkpoint are replaced)."""
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
-    names = [f"layer{L}" for L in model.config.engram_layers]
+    names = [table_name(L) for L in model.config.engram_layers]
     missing = [n for n in names if not (n in model.tables and isinstance(model.tables[n], ParamMemoryTable))]
     if missing:
         raise EngramStoreError(

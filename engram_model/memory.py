@@ -18,6 +18,11 @@ from engram_store.ids import as_ids
 from engram_store.prefetch.handle import Pending, Ready
 
 
+def table_name(layer: int) -> str:
+    """The name of an Engram layer's table, in checkpoints and stores alike."""
+    return f"layer{layer}"
+
+
 @runtime_checkable
 class MemoryTable(Protocol):
     rows: int

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from engram_model.compression import CompressedTokenizer
 from engram_model.engram import Engram
 from engram_model.hashing import HashConfig, NgramHasher, fingerprint
-from engram_model.memory import MemoryTable, ParamMemoryTable
+from engram_model.memory import MemoryTable, ParamMemoryTable, table_name
 from engram_store.errors import EngramStoreError, InvalidRowIdsError
 
 
@@ -149,7 +149,7 @@ class EngramLM(nn.Module):
                                               kernel_size=config.kernel_size, max_ngram=config.max_ngram)
                 self._init_linears(self.engrams[str(L)])
                 table = ParamMemoryTable(self.hasher.table_rows[L], config.engram_head_dim, config.engram_init_std)
-                self.tables[f"layer{L}"] = table
+                self.tables[table_name(L)] = table
                 self._memory[L] = table
 
     # -- init -----------------------------------------------------------------------------
@@ -191,7 +191,7 @@ class EngramLM(nn.Module):
                 raise EngramStoreError(
                     f"table for layer {L} has shape [{table.rows}, {table.dim}], the model needs [{rows}, {dim}]"
                 )
-            name = f"layer{L}"
+            name = table_name(L)
             if isinstance(table, nn.Module):
                 self.tables[name] = table
             elif name in self.tables:

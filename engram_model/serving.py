@@ -30,6 +30,7 @@ import torch
 import engram_store
 from engram_model.checkpoint import load_checkpoint
 from engram_store.errors import EngramStoreError, FingerprintMismatchError, UnknownTableError
+from engram_model.memory import table_name
 
 
 class ReadOnlyTableError(EngramStoreError, PermissionError):
@@ -173,7 +174,7 @@ def serve_from_store(model, store, timer: FetchTimer | None = None, async_issue:
         weakref.finalize(store, issuer.shutdown, wait=False)
     tables = {}
     for L in model.config.engram_layers:
-        name = f"layer{L}"
+        name = table_name(L)
         if name not in store.tables:
             raise UnknownTableError(f"store {str(store.path)!r} has no table {name!r} (it holds {sorted(store.tables)})")
         tables[L] = ServedTable(store, name, timer, issuer)

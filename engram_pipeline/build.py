@@ -20,6 +20,7 @@ from engram_store.format import DTYPE_NAMES, DTYPES, read_manifest
 from engram_pipeline.plan import DTYPE_BYTES, TablePlan, make_plan
 from engram_store.store import TieredStore
 from engram_store.writer import StoreWriter
+from engram_model.memory import table_name
 
 _CHUNK_BYTES = 64 << 20
 
@@ -142,7 +143,7 @@ def build_synthetic(out, *, rows: int, dim: int, dtype: str = "float32", backend
                      tier_plan={"synthetic": {"seed": seed, "rows": rows, "dim": dim, "dtype": dtype}}) as w, \
             tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not progress) as bar:
         for t in range(tables):
-            name = f"layer{t}"
+            name = table_name(t)
             w.add_table(name, rows, dim, DTYPES[dtype])
             for s in range(0, rows, chunk):
                 e = min(rows, s + chunk)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from engram_store.errors import EngramStoreError, FingerprintMismatchError, StoreCorruptError, StoreNotFoundError
+from engram_model.memory import table_name
 
 FORMAT = "engram-counts/1"
 
@@ -129,7 +130,7 @@ class _Counter:
 
     def zeros(self) -> dict[str, np.ndarray]:
         """Empty totals, one int64 array per table."""
-        return {f"layer{layer}": np.zeros(n, dtype=np.int64) for layer, n in self.rows.items()}
+        return {table_name(layer): np.zeros(n, dtype=np.int64) for layer, n in self.rows.items()}
 
     def count(self, texts: list[str], totals: dict[str, np.ndarray], hash_rows: bool = True) -> tuple[int, dict]:
         """Add the row accesses of ``texts`` into ``totals`` (in place, so a small file costs no pass over
@@ -146,7 +147,7 @@ class _Counter:
                 continue
             compressed = torch.from_numpy(np.asarray(self.compression.compress(ids), dtype=np.int64))[None]
             for layer, rows in self.hasher.row_ids(compressed).items():
-                _accumulate(totals[f"layer{layer}"], rows.reshape(-1).numpy())
+                _accumulate(totals[table_name(layer)], rows.reshape(-1).numpy())
         return n_tokens, {"tokenize": t1 - t0, "hash_count": time.perf_counter() - t1}
 
 
@@ -219,7 +220,7 @@ def count_corpus(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLi
         raise EngramStoreError(f"the corpus {[str(c) for c in corpus]} holds no files")
     ckpt = load_checkpoint(checkpoint)
     dims = {name: int(t.shape[1]) for name, t in ckpt.engram_tables().items()}
-    rows = {f"layer{layer}": int(ckpt.hasher.table_rows[layer]) for layer in ckpt.hash_config.layer_ids}
+    rows = {table_name(layer): int(ckpt.hasher.table_rows[layer]) for layer in ckpt.hash_config.layer_ids}
     totals = {name: np.zeros(n, dtype=np.int64) for name, n in rows.items()}
     shares = _shares(files, workers or min(2, os.cpu_count() or 1))
     ctx = mp.get_context("spawn")  # no fork: torch and tokenizers hold threads

@@ -17,6 +17,7 @@ from engram_pipeline.build import build_from_checkpoint
 from engram_pipeline.counts import count_corpus
 from engram_pipeline.plan import overall
 from engram_store.store import open as open_store
+from engram_model.memory import table_name
 
 
 def _say(msg: str) -> None:
@@ -84,7 +85,7 @@ def run_demo(workdir="engram-demo", *, steps: int | None = None, hbm_fraction: f
     seconds_memory = time.perf_counter() - t
     with open_store(store_dir, device="cpu", hbm_bytes=hbm, dram_bytes=dram, fingerprint=ckpt.fingerprint) as store:
         # The same model, its in-memory tables now swapped for the store's (its loss above is taken).
-        ckpt.model.set_memory({L: store.table(f"layer{L}") for L in ckpt.hash_config.layer_ids})
+        ckpt.model.set_memory({L: store.table(table_name(L)) for L in ckpt.hash_config.layer_ids})
         t = time.perf_counter()
         loss_store = evaluate(ckpt.model, corpus.held_ids, settings)
         seconds_store = time.perf_counter() - t
@@ -139,7 +140,7 @@ def replay_text(store, ckpt, files, window: int = 1024) -> dict[str, float]:
             continue
         rows = ckpt.hasher.row_ids(torch.as_tensor(ckpt.compression.compress(ids))[None])
         for s in range(0, ids.size, window):
-            handles = [store.prefetch(f"layer{L}", r[:, s:s + window]) for L, r in rows.items()]
+            handles = [store.prefetch(table_name(L), r[:, s:s + window]) for L, r in rows.items()]
             for h in handles:
                 h.wait()
     return _tier_rates(store.stats())

@@ -2,7 +2,7 @@
 
 Membership is ``rank < H`` and the slot is the rank itself: no hash map on the device.
 Rows are kept as raw bytes so one code path serves float32 / float16 / bfloat16.
-Thread-safety: :meth:`gather` from many threads; :meth:`refresh` only under the store lock
+Thread-safety: reads (gathers) from many threads; :meth:`refresh` only under the store lock
 with no gather of the table in flight (the store drains them first).
 """
 
@@ -30,9 +30,6 @@ class HbmTier:
         word = row_word(self.data.shape[1])
         self.host_words = (self.data.numpy().view(word).reshape(-1) if self.host_rows is not None
                            else np.empty(0, word))
-
-    def gather(self, ranks: torch.Tensor) -> torch.Tensor:
-        return self.data.index_select(0, ranks)
 
     def refresh(self, ranks: np.ndarray, rows: np.ndarray) -> None:
         if ranks.size:
