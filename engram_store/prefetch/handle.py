@@ -5,9 +5,8 @@
 :class:`Handle` is the store's (rows being read on its pools); :class:`Ready` one whose rows are
 already there or computed on the caller's thread at ``wait()``.
 
-
-A handle holds pins on the DRAM slots its rows occupy (the lookahead guarantee: no later
-prefetch can evict them). The pins are released exactly once: by the first ``wait()``
+A handle holds the DRAM slots its rows occupy (the lookahead guarantee: no later
+prefetch can evict them). The hold is released exactly once: by the first ``wait()``
 (whether it returns or raises), or, for a handle dropped without ``wait()``, when it is
 garbage-collected *and* its I/O has finished (released through a queue the store drains
 under its lock, so garbage collection never takes the lock).

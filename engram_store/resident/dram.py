@@ -9,8 +9,8 @@ valid, otherwise the id of the load that is filling it). All bookkeeping is NumP
 indexed by slot or key: no per-row Python objects.
 
 Thread-safety: ``policy`` and ``ready``'s *assignment of load ids* only under the store
-lock; a load clears ``ready`` of its own (pinned) slots without the lock, which is safe
-because a pinned slot cannot be re-assigned until the handle holding the pin is released,
+lock; a load clears ``ready`` of its own (held) slots without the lock, which is safe
+because a held slot cannot be re-assigned until the handle holding it is released,
 and that happens after the load finished.
 """
 
