@@ -9,7 +9,7 @@ scattered as hashing scatters them, keeping ``--depth`` prefetches in flight. Th
 normal stores with a DRAM tier holding the whole shard (warm), so the figures measure the
 exchange, not the disk. After timing, every rank checks its rows against plain indexing of
 the full table (a benchmark that also checks), and the measured bytes are compared with the
-cost model (docs/readme_sharded.md):
+cost model (docs/sharding.md):
 
     bytes sent per token = K * u * (W-1)/W * (8 + row_bytes) + 24 * (W-1) / tokens_per_batch
 

@@ -1,6 +1,6 @@
 """The exact bytes of a tiny store (safetensors' lesson: write the format down, test the bytes).
 
-Expected bytes are spelled out from the format description in docs/readme_store.md, not
+Expected bytes are spelled out from the format description in docs/format.md, not
 produced by the writer.
 """
 
