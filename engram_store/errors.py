@@ -54,3 +54,7 @@ class BudgetError(EngramStoreError):
 
 class StoreClosedError(EngramStoreError, RuntimeError):
     """An operation on a store that has been closed."""
+
+
+class CheckpointError(EngramStoreError):
+    """A model checkpoint (ours or a Hugging Face directory) is inconsistent: a config field, tensor, dtype or shape."""

@@ -1,0 +1,392 @@
+"""Read the Engram tables of a Hugging Face DeepSeek-V4.1-style checkpoint directory, row range by row range.
+
+A V4.1 directory (see /work/shared/REAL_CHECKPOINTS.md) holds ``config.json`` (the ``engram_*``
+fields under ``text_config``), ``model.safetensors.index.json`` (``weight_map``: tensor -> shard
+file), the shards and ``tokenizer.json``. Table ``layer{L}`` has ``rows`` packed 264-byte rows:
+row r = the 256 e4m3 bytes of ``layers.{L}.engram.embed.weight[r]`` then the 8 UE8M0 bytes of
+``layers.{L}.engram.embed.scale[r]`` (one scale per 32 values).
+
+Everything is validated when the directory is opened, before a row is read, and each problem is
+one error naming the file, what is wrong and what to do: a missing file (StoreNotFoundError), an
+inconsistent config, a tensor missing from the index or its shard, a wrong dtype or shape
+(CheckpointError), a tokenizer that does not compress to the config's vocabulary
+(FingerprintMismatchError), a shard whose header is corrupt or whose data is shorter than its
+header says (StoreCorruptError). A table is never loaded whole: ``iter_rows`` reads chunks with
+``safetensors.safe_open(...).get_slice``; ``read_rows`` gathers random rows from a read-only
+memory map of the tensors' validated byte ranges.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engram_model.compression import CompressedTokenizer
+from engram_model.hashing import HashConfig, NgramHasher, fingerprint, layer_primes
+from engram_store.errors import (
+    CheckpointError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, StoreCorruptError,
+    StoreNotFoundError,
+)
+
+HEAD_DIM = 256  # e4m3 values per row
+SCALES = 8  # UE8M0 scale bytes per row, one per 32 values
+ROW_BYTES = HEAD_DIM + SCALES  # 264
+WEIGHT_DTYPE, SCALE_DTYPE = "F8_E4M3", "F8_E8M0"
+CONFIG, INDEX, TOKENIZER = "config.json", "model.safetensors.index.json", "tokenizer.json"
+REQUIRED_FIELDS = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_head_dim",
+                   "engram_vocab_size", "engram_num_embeddings", "engram_compressed_vocab_size",
+                   "engram_pad_token_id")
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+DEFAULT_CHUNK_ROWS = 1 << 16  # 16.5 MiB of packed rows per chunk
+
+
+def weight_name(layer_id: int) -> str:
+    return f"layers.{layer_id}.engram.embed.weight"
+
+
+def scale_name(layer_id: int) -> str:
+    return f"layers.{layer_id}.engram.embed.scale"
+
+
+# -- safetensors headers ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor's bytes lie: ``nbytes`` bytes from absolute file offset ``start`` of ``shard``."""
+
+    name: str
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int, int]:
+    """(header dict, data start offset, file size) of a safetensors file; StoreCorruptError if unreadable."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise StoreCorruptError(f"{path}: {size} bytes, too short to be a safetensors file; "
+                                    "the shard is truncated: download it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise StoreCorruptError(f"{path}: header length {n} does not fit the file's {size} bytes; "
+                                    "the shard is truncated or not a safetensors file: download it again")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreCorruptError(f"{path}: the safetensors header is not valid JSON ({e}); "
+                                "the shard is corrupt: download it again") from None
+    if not isinstance(header, dict):
+        raise StoreCorruptError(f"{path}: the safetensors header is not a JSON object; download the shard again")
+    return header, 8 + n, size
+
+
+def tensor_ref(path: Path, header: dict, data_start: int, size: int, name: str, dtype: str,
+               shape: tuple[int, ...], index_path: Path) -> TensorRef:
+    """Validate ``name`` in a parsed header (present, dtype, shape, byte range inside the file)."""
+    entry = header.get(name)
+    if entry is None:
+        raise CheckpointError(f"{path} has no tensor {name!r} although {index_path} maps it there; "
+                              "the index and its shards disagree: download the checkpoint again")
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise StoreCorruptError(f"{path}: header entry of {name!r} lacks dtype/shape/data_offsets; "
+                                "the shard is corrupt: download it again")
+    if entry["dtype"] != dtype:
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, expected {dtype}; "
+                              "only V4.1's FP8 rows (F8_E4M3 values, F8_E8M0 scales) can be imported")
+    if [int(d) for d in entry["shape"]] != list(shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry['shape'])}, expected {list(shape)} "
+                              f"(from {CONFIG}'s engram_num_embeddings and engram_head_dim); "
+                              "the config does not belong to these shards")
+    begin, end = (int(x) for x in entry["data_offsets"])
+    nbytes = int(np.prod(shape)) * _ITEMSIZE[dtype]
+    if begin < 0 or end - begin != nbytes:
+        raise StoreCorruptError(f"{path}: tensor {name!r} spans data bytes {begin}..{end}, but {dtype} "
+                                f"{list(shape)} needs {nbytes}; the header is corrupt: download the shard again")
+    if data_start + end > size:
+        raise StoreCorruptError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file "
+                                f"has {size} bytes; download the shard again")
+    return TensorRef(name, path, dtype, tuple(shape), data_start + begin, nbytes)
+
+
+# -- the tokenizer ------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _compression_by_digest(digest: str, path: str) -> CompressedTokenizer:
+    from tokenizers import Tokenizer
+
+    return CompressedTokenizer.from_tokenizer(Tokenizer.from_file(path))
+
+
+def compressed_tokenizer(path) -> CompressedTokenizer:
+    """The CompressedTokenizer of a tokenizer.json, cached by the file's content (building it decodes every id)."""
+    p = Path(path)
+    return _compression_by_digest(hashlib.sha256(p.read_bytes()).hexdigest(), str(p))
+
+
+def hf_hash_config(text_config: dict, compression: CompressedTokenizer) -> HashConfig:
+    """V4.1's hash config: per-order prime searches from engram_vocab_size, seed 0, pad = the compressed pad token."""
+    n = int(text_config["engram_max_ngram_size"])
+    return HashConfig(
+        compressed_vocab_size=int(text_config["engram_compressed_vocab_size"]),
+        table_sizes=(int(text_config["engram_vocab_size"]),) * (n - 1),
+        max_ngram=n,
+        heads=int(text_config["engram_n_heads"]),
+        layer_ids=tuple(int(l) for l in text_config["engram_layer_ids"]),
+        pad_id=int(compression.lookup[int(text_config["engram_pad_token_id"])]),
+        seed=0,
+    )
+
+
+# -- the checkpoint -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HFTable:
+    name: str  # "layer{L}"
+    layer_id: int
+    rows: int
+    weight: TensorRef  # F8_E4M3 [rows, 256]
+    scale: TensorRef  # F8_E8M0 [rows, 8]
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise StoreNotFoundError(f"{path} not found: a Hugging Face checkpoint directory needs its {what}; "
+                                 "download the whole checkpoint")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreCorruptError(f"{path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(data, dict):
+        raise StoreCorruptError(f"{path} is not a JSON object; download it again")
+    return data
+
+
+def is_hf_checkpoint(dir) -> bool:
+    """True for a Hugging Face-style directory (an index of shards, or engram_* fields under text_config);
+    False for our own checkpoints (config.json with format "engram-lm") and anything else."""
+    root = Path(dir)
+    if (root / INDEX).is_file():
+        return True
+    try:
+        cfg = json.loads((root / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("format") != "engram-lm" and isinstance(cfg.get("text_config"), dict) \
+        and "engram_layer_ids" in cfg["text_config"]
+
+
+def _text_config(path: Path, config: dict) -> dict:
+    tc = config.get("text_config", config)
+    if not isinstance(tc, dict):
+        raise CheckpointError(f"{path}: text_config is not an object")
+    missing = [f for f in REQUIRED_FIELDS if f not in tc]
+    if missing:
+        raise CheckpointError(f"{path}: text_config lacks {missing}; this is not an Engram checkpoint "
+                              "(DeepSeek-V4.1 has them)")
+    ints = {}
+    for f in REQUIRED_FIELDS:
+        v = tc[f]
+        try:
+            ints[f] = [int(x) for x in v] if isinstance(v, list) else int(v)
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: text_config.{f} = {v!r} is not an integer (or a list of them)") from None
+        if isinstance(v, list) != (f in ("engram_layer_ids", "engram_num_embeddings")):
+            raise CheckpointError(f"{path}: text_config.{f} = {v!r} has the wrong form "
+                                  "(engram_layer_ids and engram_num_embeddings are lists, the rest integers)")
+    if ints["engram_head_dim"] != HEAD_DIM:
+        raise CheckpointError(f"{path}: engram_head_dim is {ints['engram_head_dim']}; only V4.1's {HEAD_DIM}-value "
+                              f"FP8 rows ({ROW_BYTES} bytes) can be imported")
+    if len(ints["engram_num_embeddings"]) != len(ints["engram_layer_ids"]):
+        raise CheckpointError(f"{path}: engram_num_embeddings has {len(ints['engram_num_embeddings'])} entries "
+                              f"for {len(ints['engram_layer_ids'])} engram_layer_ids; one table size per layer")
+    return {**tc, **ints}
+
+
+class HFCheckpoint:
+    """An opened, validated V4.1-style directory. Close it (or use ``with``) to release the shard handles."""
+
+    row_bytes = ROW_BYTES
+    dim = HEAD_DIM
+
+    def __init__(self, path: Path, config: dict, text_config: dict, tables: dict[str, HFTable],
+                 compression: CompressedTokenizer, hash_config: HashConfig) -> None:
+        self.path = path
+        self.config = config  # the whole config.json
+        self.text_config = text_config
+        self.tables = tables
+        self.compression = compression
+        self.hash_config = hash_config
+        self.fingerprint = fingerprint(hash_config, compression.lookup)
+        self._handles: dict[Path, object] = {}
+        self._maps: dict[str, np.memmap] = {}
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER
+
+    def hasher(self) -> NgramHasher:
+        return NgramHasher(self.hash_config)
+
+    def _table(self, name: str) -> HFTable:
+        t = self.tables.get(name)
+        if t is None:
+            raise EngramStoreError(f"{self.path} has no Engram table {name!r}; its tables are {sorted(self.tables)}")
+        return t
+
+    def _slice(self, ref: TensorRef):
+        from safetensors import safe_open
+
+        h = self._handles.get(ref.shard)
+        if h is None:
+            try:
+                h = safe_open(str(ref.shard), framework="pt")
+            except Exception as e:  # the library's SafetensorError: header problems it sees and we did not
+                raise StoreCorruptError(f"{ref.shard}: safetensors cannot open it ({e}); download it again") from None
+            self._handles[ref.shard] = h
+        return h.get_slice(ref.name)
+
+    def iter_rows(self, name: str, start: int = 0, stop: int | None = None,
+                  chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[torch.Tensor]:
+        """Packed rows start..stop of ``name`` in order, as uint8 [n, 264] tensors of at most chunk_rows rows."""
+        t = self._table(name)
+        stop = t.rows if stop is None else stop
+        if not 0 <= start <= stop <= t.rows:
+            raise InvalidRowIdsError(f"rows {start}..{stop} are outside table {name!r} of {t.rows} rows")
+        if chunk_rows < 1:
+            raise EngramStoreError(f"chunk_rows must be >= 1, got {chunk_rows}")
+        w, s = self._slice(t.weight), self._slice(t.scale)
+        for a in range(start, stop, chunk_rows):
+            b = min(stop, a + chunk_rows)
+            out = torch.empty((b - a, ROW_BYTES), dtype=torch.uint8)
+            out[:, :HEAD_DIM] = w[a:b].view(torch.uint8)
+            out[:, HEAD_DIM:] = s[a:b].view(torch.uint8)
+            yield out
+
+    def _map(self, ref: TensorRef, width: int) -> np.memmap:
+        m = self._maps.get(ref.name)
+        if m is None:
+            m = np.memmap(ref.shard, dtype=np.uint8, mode="r", offset=ref.start, shape=(ref.shape[0], width))
+            self._maps[ref.name] = m
+        return m
+
+    def read_rows(self, name: str, row_ids) -> torch.Tensor:
+        """Packed rows ``row_ids`` (any shape) of ``name``: uint8 [*row_ids.shape, 264]; memory ~ len(row_ids)."""
+        t = self._table(name)
+        ids = np.asarray(row_ids.cpu() if isinstance(row_ids, torch.Tensor) else row_ids)
+        if ids.dtype.kind not in "iu":
+            raise InvalidRowIdsError(f"row ids must be integers, got {ids.dtype}")
+        flat = ids.reshape(-1).astype(np.int64)
+        if flat.size and (flat.min() < 0 or flat.max() >= t.rows):
+            bad = int(flat.min() if flat.min() < 0 else flat.max())
+            raise InvalidRowIdsError(f"row id {bad} is outside table {name!r} of {t.rows} rows")
+        # Sorted unique reads walk each shard forward once; the inverse puts rows back in the caller's order.
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        out = np.empty((uniq.size, ROW_BYTES), dtype=np.uint8)
+        out[:, :HEAD_DIM] = self._map(t.weight, HEAD_DIM)[uniq]
+        out[:, HEAD_DIM:] = self._map(t.scale, SCALES)[uniq]
+        return torch.from_numpy(out[inverse]).reshape(*ids.shape, ROW_BYTES)
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._maps.clear()
+
+    def __enter__(self) -> "HFCheckpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_hf_checkpoint(dir) -> HFCheckpoint:
+    """Open and validate a V4.1-style checkpoint directory (nothing is read beyond headers, config and tokenizer)."""
+    root = Path(dir)
+    if not root.is_dir():
+        raise StoreNotFoundError(f"{root} is not a directory: pass a Hugging Face checkpoint directory")
+    config_path = root / CONFIG
+    config = _read_json(config_path, "config.json")
+    tc = _text_config(config_path, config)
+    layer_ids, rows = tc["engram_layer_ids"], tc["engram_num_embeddings"]
+    n = tc["engram_max_ngram_size"]
+
+    # The table sizes must be the prime sums the hash will index into (pad id does not affect primes).
+    try:
+        shape_cfg = HashConfig(compressed_vocab_size=tc["engram_compressed_vocab_size"],
+                               table_sizes=(tc["engram_vocab_size"],) * (n - 1), max_ngram=n,
+                               heads=tc["engram_n_heads"], layer_ids=tuple(layer_ids))
+    except EngramStoreError as e:
+        raise CheckpointError(f"{config_path}: the engram_* fields do not make a hash config: {e}") from None
+    primes = layer_primes(shape_cfg)
+    for lid, r in zip(layer_ids, rows):
+        total = sum(sum(order) for order in primes[lid])
+        if total != r:
+            raise CheckpointError(
+                f"{config_path}: engram_num_embeddings gives layer {lid} {r} rows, but its {n - 1}x"
+                f"{tc['engram_n_heads']} head primes from engram_vocab_size {tc['engram_vocab_size']} sum to "
+                f"{total}; the config is edited or not a V4.1 hash: fix engram_num_embeddings or engram_vocab_size"
+            )
+
+    index_path = root / INDEX
+    index = _read_json(index_path, "shard index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise StoreCorruptError(f"{index_path} has no weight_map object; download it again")
+    headers: dict[str, tuple[dict, int, int]] = {}
+    tables: dict[str, HFTable] = {}
+    for lid, r in zip(layer_ids, rows):
+        refs = []
+        for tname, dtype, width in ((weight_name(lid), WEIGHT_DTYPE, HEAD_DIM), (scale_name(lid), SCALE_DTYPE, SCALES)):
+            shard_name = weight_map.get(tname)
+            if shard_name is None:
+                raise CheckpointError(f"{index_path}: tensor {tname!r} is not in the weight_map, but config.json "
+                                      f"lists Engram layer {lid}; the index is incomplete: download it again")
+            shard = root / str(shard_name)
+            if not shard.is_file():
+                raise StoreNotFoundError(f"{shard} not found ({index_path} puts {tname!r} there); "
+                                         "download the missing shard")
+            if shard_name not in headers:
+                headers[shard_name] = read_safetensors_header(shard)
+            header, data_start, size = headers[shard_name]
+            refs.append(tensor_ref(shard, header, data_start, size, tname, dtype, (r, width), index_path))
+        tables[f"layer{lid}"] = HFTable(f"layer{lid}", lid, r, refs[0], refs[1])
+
+    tok_path = root / TOKENIZER
+    if not tok_path.is_file():
+        raise StoreNotFoundError(f"{tok_path} not found: the Engram hash needs the checkpoint's own tokenizer; "
+                                 "download tokenizer.json with the checkpoint")
+    try:
+        compression = compressed_tokenizer(tok_path)
+    except EngramStoreError:
+        raise
+    except Exception as e:  # the tokenizers library's own parse error
+        raise StoreCorruptError(f"{tok_path} cannot be loaded ({e}); download it again") from None
+    expected = tc["engram_compressed_vocab_size"]
+    if len(compression) != expected:
+        raise FingerprintMismatchError(
+            f"{tok_path} compresses to {len(compression)} ids but {config_path} says "
+            f"engram_compressed_vocab_size {expected}: the tokenizer is not this checkpoint's (or the config is "
+            "edited); use the tokenizer.json shipped with the checkpoint"
+        )
+    pad = tc["engram_pad_token_id"]
+    if not 0 <= pad < compression.vocab_size:
+        raise CheckpointError(f"{config_path}: engram_pad_token_id {pad} is not a token id of {tok_path} "
+                              f"(0..{compression.vocab_size - 1})")
+    try:
+        hash_config = hf_hash_config(tc, compression)
+    except EngramStoreError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    return HFCheckpoint(root, config, tc, tables, compression, hash_config)
