@@ -58,3 +58,7 @@ class StoreClosedError(EngramStoreError, RuntimeError):
 
 class CheckpointError(EngramStoreError):
     """A model checkpoint (ours or a Hugging Face directory) is inconsistent: a config field, tensor, dtype or shape."""
+
+
+class CountOverflowError(EngramStoreError, OverflowError):
+    """A row access count would pass what a counts file holds per row (2**32 - 1)."""
