@@ -34,9 +34,14 @@ class Trace:
     rows: dict[str, int]  # table name -> rows of the table
     requests: list[tuple[str, np.ndarray]]  # (table, unique int64 ids, sorted), in issue order
     issued: int = 0  # ids issued before each request's dedupe (B*T*K per request)
-    counts: dict[str, np.ndarray] | None = None  # training access counts per table (for ranks)
+    counts: dict[str, np.ndarray] | None = None  # training access counts per id (for ranks)
     fingerprint: str | None = None  # hash-config fingerprint the row ids were made under
     meta: dict = field(default_factory=dict)
+    # A trace of a huge table may number only the rows it touches (in row order): ids are then
+    # in [0, id_space[table]), ``rows`` stays the table's size (capacities are fractions of it) and
+    # ``ranks`` gives each id's frequency rank in the whole table (zero-count rows rank by row id).
+    id_space: dict[str, int] | None = None
+    ranks: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not self.requests:
@@ -45,10 +50,29 @@ class Trace:
         for table, ids in self.requests:
             if table not in self.rows:
                 raise EngramStoreError(f"trace {self.name!r} names table {table!r} with no row count")
-            if ids.size and (ids[0] < 0 or ids[-1] >= self.rows[table]):
-                raise EngramStoreError(f"trace {self.name!r}: row ids of {table!r} outside [0, {self.rows[table]})")
+            n = self.n_ids(table)
+            if ids.size and (ids[0] < 0 or ids[-1] >= n):
+                raise EngramStoreError(f"trace {self.name!r}: row ids of {table!r} outside [0, {n})")
         if self.counts is not None:
             self.counts = check_counts(self, self.counts)
+        if self.ranks is not None:
+            for table in self.rows:
+                if np.shape(self.ranks.get(table)) != (self.n_ids(table),):
+                    raise EngramStoreError(f"trace {self.name!r}: ranks of {table!r} must give one rank per id "
+                                           f"({self.n_ids(table)})")
+
+    def n_ids(self, table: str) -> int:
+        """Size of the id space of ``table``'s requests (the table's rows unless compacted)."""
+        return int(self.rows[table] if self.id_space is None else self.id_space[table])
+
+    def rank(self, table: str) -> np.ndarray:
+        """Frequency rank (0 = hottest) of each id in the whole table, by training counts."""
+        if self.ranks is not None:
+            return self.ranks[table]
+        if self.counts is None:
+            raise EngramStoreError(f"trace {self.name!r} has no training counts to rank rows by: give a counts file "
+                                   "made with the trace's checkpoint")
+        return ranks_from_counts(self.counts[table])
 
     @property
     def accesses(self) -> int:
@@ -66,12 +90,14 @@ class Trace:
             raise FingerprintMismatchError(
                 f"counts were made for hash config {str(fp)[:12]}…, but trace {self.name!r} was hashed with "
                 f"{self.fingerprint[:12]}…: count the corpus again with the trace's checkpoint")
-        return Trace(self.name, self.rows, self.requests, self.issued, dict(tables), self.fingerprint, dict(self.meta))
+        return Trace(self.name, self.rows, self.requests, self.issued, dict(tables), self.fingerprint, dict(self.meta),
+                     self.id_space, None)
 
 
 def check_counts(trace: Trace, counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
-    for table, rows in trace.rows.items():
+    for table in trace.rows:
+        rows = trace.n_ids(table)
         if table not in counts:
             raise FingerprintMismatchError(
                 f"counts hold no table {table!r} (they hold {sorted(counts)}): they were made for a different "

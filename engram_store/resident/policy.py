@@ -13,6 +13,17 @@ one still needs; eviction takes free slots first, then the unheld slot of lowest
 arrays, not per-slot counters: a hit costs no pin write, and only an eviction (rare,
 batched) builds the held mask from the registry.
 
+Hints: a caller that knows its next batches (a training data loader, a server with queued
+requests) :meth:`SlotPolicy.hint` s their keys, one call per upcoming access, in order. The
+policy then knows, for every cached key and every miss, the soonest announced access that names
+it, and eviction and admission follow the offline optimum inside that window: a row needed
+within the window is kept (the one needed latest goes first; equal next uses by score), a row the window does not name
+goes before any that it does (by the usual score among themselves), and a miss is cached only
+if it is needed sooner than the row it would displace. Holds still come first. Hints change
+only eviction and admission, never what a hit writes, so the compiled hit path is unchanged;
+they cost memory in proportion to the window (distinct hinted keys) and 8 bytes per slot.
+Without hints the policy is exactly the plain one.
+
 Vectorized over a batch (numpy arrays indexed by key and by slot), no per-row Python
 objects. Per key, one 16-byte record ``keys`` (slot, access count, last use), so the store's
 hit path (``hit_path``) touches one cache line per row for all of its bookkeeping. Memory:
@@ -23,7 +34,11 @@ Not thread-safe: the store serialises calls behind its own lock.
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
+
+from engram_store.errors import InvalidRowIdsError
 
 def key_record(slot_dtype) -> np.dtype:
     """Per-key record: ``slot`` (-1: not cached; the owner may store its own markers < -1 in keys it
@@ -98,6 +113,7 @@ class SlotPolicy:
         self.misses = 0
         self.evictions = 0
         self.bypassed = 0  # misses served without being cached (no unpinned slot, or not admitted)
+        self._look: _Lookahead | None = None  # announced accesses (hint); None until the first hint
 
     # -- queries -----------------------------------------------------------------------
     def slots(self, keys: np.ndarray) -> np.ndarray:
@@ -136,6 +152,11 @@ class SlotPolicy:
         if self.admit_below is not None:
             miss_idx = miss_idx[self._rank(keys[miss_idx]) < self.admit_below]
         evicted = np.empty(0, dtype=np.int64)
+        if self._look is not None:
+            if miss_idx.size and self.capacity:
+                evicted = self._admit_hinted(keys, slots, miss_idx, hit)
+            self.bypassed += int(np.count_nonzero(slots < 0))
+            return slots, hit, evicted
         if miss_idx.size and self.capacity:
             # this call's hits are held at least for the call, so its own misses never evict them
             victims, evicted = self._victims(int(miss_idx.size), slots[hit])
@@ -162,6 +183,98 @@ class SlotPolicy:
         """End the hold ``token`` (from :meth:`hold`)."""
         if self._held.pop(token, None) is None:
             raise AssertionError(f"release of hold {token}, which is not held: a handle was released twice")
+
+    # -- lookahead -------------------------------------------------------------------------
+    def hint(self, keys: np.ndarray) -> None:
+        """Announce the keys of the next access not yet announced (a hint, not a fetch; repeats allowed).
+
+        One call per upcoming :meth:`access` of this policy, in order: the k-th pending hint
+        names the k-th access from now. Hinting ahead of a window of batches makes eviction and
+        admission keep what the window needs (module docstring). Hints never change what a hit
+        does, and holds still protect in-flight rows first.
+        """
+        keys = np.unique(np.asarray(keys, dtype=np.int64).reshape(-1))
+        if keys.size and (keys[0] < 0 or keys[-1] >= self.n_keys):
+            bad = int(keys[0] if keys[0] < 0 else keys[-1])
+            raise InvalidRowIdsError(f"hinted key {bad} is outside [0, {self.n_keys}): hint the keys this policy is "
+                                     "accessed with")
+        if self._look is None:
+            self._look = _Lookahead(self.capacity)
+        look = self._look
+        look.retire(self.clock, self)
+        due = look.announce(keys, self.clock)
+        # cached keys with nothing announced yet are next needed at this access
+        slots = self.slot_of[keys]
+        cached = slots >= 0
+        s = slots[cached].astype(np.int64)
+        s = s[look.slot_due[s] <= self.clock]
+        look.slot_due[s] = due
+
+    @property
+    def hinted(self) -> int:
+        """Announced accesses not yet made (the lookahead window in use)."""
+        if self._look is None:
+            return 0
+        self._look.retire(self.clock, self)
+        return len(self._look.batches)
+
+    def _admit_hinted(self, keys: np.ndarray, slots: np.ndarray, miss_idx: np.ndarray, hit: np.ndarray) -> np.ndarray:
+        """Admission and eviction inside an announced window (see the module docstring); fills
+        ``slots[miss_idx]`` for the admitted misses and returns the evicted keys."""
+        look = self._look
+        now = self.clock
+        look.retire(now, self)
+        miss_keys = keys[miss_idx]
+        m_due = look.next_due(miss_keys, now)
+        m_need = m_due > now
+        # misses in order of value: needed soonest first, then the unannounced by rank (hottest first)
+        order = np.lexsort((self._rank(miss_keys), np.where(m_need, m_due, _FAR)))
+        miss_idx, miss_keys, m_due, m_need = miss_idx[order], miss_keys[order], m_due[order], m_need[order]
+        k = miss_idx.size
+        n_free = self._n_free
+        evicted = np.empty(0, dtype=np.int64)
+        if n_free < k:
+            # the unheld cached rows in order of value: unannounced by score (lowest first; ties:
+            # coldest rank first), then announced ones, needed latest first
+            usable = np.flatnonzero(~self._held_mask(slots[hit]) & (self.key_of >= 0))
+            ukeys = self.key_of[usable]
+            u_due = look.slot_due[usable]
+            u_need = u_due > now
+            order = np.lexsort((-self._rank(ukeys), self._score(ukeys), -np.where(u_need, u_due, 0), u_need))
+            usable, u_due, u_need = usable[order], u_due[order], u_need[order]
+            # miss j (beyond the free slots) displaces pool row j - n_free if it is worth more: an
+            # unannounced miss beats an unannounced row, an announced one any row needed later
+            extra = miss_idx.size - n_free
+            j = np.arange(min(extra, usable.size))
+            mn, md = m_need[n_free + j], m_due[n_free + j]
+            worth = np.where(mn, ~u_need[j] | (md < u_due[j]), ~u_need[j])
+            n_take = int(np.argmin(worth)) if not worth.all() else j.size  # monotone: misses fall, rows rise
+            # the batch surplus (kept free for the misses to come) only takes unannounced rows
+            n_evict = n_take
+            if n_take:
+                n_evict = max(n_take, min(self.evict_batch, n_take + int(np.count_nonzero(~u_need[n_take:]))))
+            cand = usable[:n_evict]
+            evicted = self.key_of[cand]
+            self.slot_of[evicted] = -1
+            self.key_of[cand] = -1
+            self.evictions += int(cand.size)
+            self._push_free(cand)
+            k = n_free + n_take
+            miss_idx, miss_keys, m_due = miss_idx[:k], miss_keys[:k], m_due[:k]
+        victims = self._pop_free(k)
+        self.key_of[victims] = miss_keys
+        self.slot_of[miss_keys] = victims
+        self.last_use[miss_keys] = now
+        look.slot_due[victims] = m_due
+        slots[miss_idx] = victims
+        return evicted
+
+    def _score(self, keys: np.ndarray) -> np.ndarray:
+        """Eviction score of cached ``keys`` (lowest goes first): see the class docstring."""
+        last = self.last_use[keys]
+        if self.recency is None:
+            return last
+        return self.accesses[keys] / np.float64(self.clock) + self.recency / (np.float64(self.clock + 1) - last)
 
     @property
     def pins(self) -> np.ndarray:
@@ -252,12 +365,7 @@ class SlotPolicy:
         if need == 0:
             return np.empty(0, dtype=np.int64)
         keys = self.key_of[usable]
-        last = self.last_use[keys]
-        if self.recency is None:
-            score = last
-        else:
-            score = (self.accesses[keys] / np.float64(self.clock)
-                     + self.recency / (np.float64(self.clock + 1) - last))
+        score = self._score(keys)
         kth = np.partition(score, need - 1)[need - 1]  # the need-th smallest score
         below = np.flatnonzero(score < kth)
         tied = np.flatnonzero(score == kth)
@@ -269,3 +377,84 @@ class SlotPolicy:
         self.evictions += int(cand.size)
         self._push_free(cand)
         return gone
+
+
+_FAR = np.iinfo(np.int64).max
+
+
+class _Lookahead:
+    """Announced accesses of one policy: per batch its due tick, its keys and each key's next due.
+
+    ``batches``: ``(due, keys sorted, next)`` in due order, where ``next[i]`` is the due of the
+    following announced access naming ``keys[i]`` (0: none). ``pending`` / ``latest``: the
+    distinct keys named by any pending batch (sorted) and the due of the last batch naming each,
+    to link a new batch's keys to the previous mention in O(window). ``slot_due``: per slot, the
+    soonest pending due of the key it holds (<= clock: none). Memory: the window's distinct keys
+    and 8 bytes per slot; nothing per key of the table.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.batches: deque = deque()
+        self.by_due: dict[int, tuple] = {}
+        self.pending = np.empty(0, dtype=np.int64)
+        self.latest = np.empty(0, dtype=np.int64)
+        self.last_due = 0
+        self.slot_due = np.zeros(capacity, dtype=np.int64)
+
+    def announce(self, keys: np.ndarray, clock: int) -> int:
+        due = max(self.last_due, clock) + 1
+        self.last_due = due
+        nxt = np.zeros(keys.size, dtype=np.int64)
+        pos = np.searchsorted(self.pending, keys)
+        found = pos < self.pending.size
+        found[found] = self.pending[pos[found]] == keys[found]
+        prev = self.latest[pos[found]]
+        for d in np.unique(prev):  # link each earlier mention to this batch (at most one per pending batch)
+            b_keys, b_next = self.by_due[int(d)][1:]
+            b_next[np.searchsorted(b_keys, keys[found][prev == d])] = due
+        self.latest[pos[found]] = due
+        if not found.all():
+            new = keys[~found]
+            at = np.searchsorted(self.pending, new)
+            self.pending = np.insert(self.pending, at, new)
+            self.latest = np.insert(self.latest, at, due)
+        batch = (due, keys, nxt)
+        self.batches.append(batch)
+        self.by_due[due] = batch
+        return due
+
+    def retire(self, clock: int, policy: SlotPolicy) -> None:
+        """Drop the batches due by ``clock`` (made; the compiled hit path ticks the clock without
+        calling the policy, so this runs lazily) and move their cached keys to their next due."""
+        gone = []
+        while self.batches and self.batches[0][0] <= clock:
+            due, keys, nxt = self.batches.popleft()
+            del self.by_due[due]
+            slots = policy.slot_of[keys]
+            cached = slots >= 0
+            self.slot_due[slots[cached].astype(np.int64)] = nxt[cached]
+            gone.append(keys[nxt == 0])
+        if gone:
+            drop = np.unique(np.concatenate(gone))
+            pos = np.searchsorted(self.pending, drop)
+            self.pending = np.delete(self.pending, pos)
+            self.latest = np.delete(self.latest, pos)
+
+    def next_due(self, keys: np.ndarray, clock: int) -> np.ndarray:
+        """Soonest pending due of each key (0: none): the first pending batch that names it."""
+        out = np.zeros(keys.size, dtype=np.int64)
+        if not self.pending.size:
+            return out
+        pos = np.searchsorted(self.pending, keys)
+        found = pos < self.pending.size
+        found[found] = self.pending[pos[found]] == keys[found]
+        todo = np.flatnonzero(found)
+        for due, b_keys, _ in self.batches:  # soonest first; stops once every named key is placed
+            if not todo.size:
+                break
+            p = np.searchsorted(b_keys, keys[todo])
+            ok = p < b_keys.size
+            ok[ok] = b_keys[p[ok]] == keys[todo[ok]]
+            out[todo[ok]] = due
+            todo = todo[~ok]
+        return out

@@ -178,7 +178,8 @@ def ref_ours(trace: Trace, cap: int, hbm_share: float, window: int, recency: flo
                 hbm_hits += 1
             else:
                 keys.append(rank[x])
-        out.append(lru.access(keys))
+        if keys:  # an all-HBM request never reaches the DRAM policy (the store's hit path)
+            out.append(lru.access(keys))
     return hbm_hits, lru.hits
 
 
