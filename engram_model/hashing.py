@@ -13,6 +13,11 @@ The moduli are distinct primes: per layer, per order, the search starts at
 
 A layer's table is the concatenation of its heads' blocks (order-2 heads first), so the
 global row of head k is ``offsets[k] + local index`` and the table has ``sum(primes)`` rows.
+
+Dead positions (DeepSeek-V4.1: image tokens, token id ``DEAD`` = -1) cut the sequence: a lookback
+that would reach or cross a dead position reads the pad instead, exactly as if the sequence
+started again after it, and a dead position itself looks up no row (``hash_live`` /
+``row_ids_live`` return its rows as ``DEAD_ROW`` with ``live`` False, for the engine to zero).
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engram_store.errors import EngramStoreError, InvalidRowIdsError
+from engram_store.errors import CheckpointError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 LAYER_SEED_PRIME = 10007
 FINGERPRINT_VERSION = "engram-hash-v1"
+DEAD = -1  # token id (original or compressed) of a dead position
+DEAD_ROW = -1  # row id given to a dead position: negative, so a store refuses it if it is not masked out
 
 _MR_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)  # deterministic below 3.3e24
 
@@ -129,6 +136,107 @@ class HashConfig:
             raise EngramStoreError(f"unknown hash config fields {sorted(unknown)}")
         return cls(**d)
 
+    @classmethod
+    def from_hf_config(cls, config: dict, compression) -> "HashConfig":
+        """The hash config of a Hugging Face Engram checkpoint (DeepSeek-V4.1's ``config.json``).
+
+        ``config`` is the whole config.json dict: the ``engram_*`` fields are read under
+        ``text_config`` or, failing that, at the top level. ``compression`` is the
+        CompressedTokenizer (or its lookup array) of the checkpoint's tokenizer.json: the pad is
+        the compressed id of the *original* token ``engram_pad_token_id``, and its compressed
+        vocabulary must be ``engram_compressed_vocab_size``. ``engram_vocab_size`` (one int, or one
+        per order) is where each order's prime search starts; the seed is 0 (V4.1 has no seed
+        field). Raises CheckpointError for a missing or malformed field and when a layer's primes
+        do not sum to its ``engram_num_embeddings``, FingerprintMismatchError when the tokenizer
+        does not compress to the config's vocabulary.
+        """
+        return _from_hf_config(cls, config, compression)
+
+
+def _hf_fields(config) -> dict:
+    """The engram_* fields of a config.json dict (under text_config, or at the top level)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config.json must be a JSON object, got {type(config).__name__}")
+    text = config.get("text_config")
+    has_engram = isinstance(text, dict) and any(str(k).startswith("engram_") for k in text)
+    fields = text if has_engram else config
+    where = "text_config" if fields is text else "the top level"
+    required = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_vocab_size",
+                "engram_num_embeddings", "engram_compressed_vocab_size", "engram_pad_token_id")
+    missing = [f for f in required if f not in fields]
+    if missing:
+        raise CheckpointError(
+            f"config.json lacks {', '.join(missing)} (looked under {where}); an Engram checkpoint's config "
+            "names them all (DeepSeek-V4.1: under text_config)"
+        )
+
+    def integer(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise CheckpointError(f"config.json {name} must be an integer >= {low}, got {value!r}")
+        return value
+
+    def integers(name, low, count=None):
+        value = fields[name]
+        values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(values, list) or not values:
+            raise CheckpointError(f"config.json {name} must be an integer or a non-empty list of them, got {value!r}")
+        values = [integer(f"{name}[{i}]", v, low) for i, v in enumerate(values)]
+        if count is not None and len(values) != count and len(values) != 1:
+            raise CheckpointError(f"config.json {name} has {len(values)} entries, expected {count} (or one for all)")
+        return values if count is None or len(values) == count else values * count
+
+    out = {"layer_ids": integers("engram_layer_ids", 0)}
+    out["max_ngram"] = integer("engram_max_ngram_size", fields["engram_max_ngram_size"], 2)
+    out["heads"] = integer("engram_n_heads", fields["engram_n_heads"], 1)
+    out["table_sizes"] = integers("engram_vocab_size", 2, count=out["max_ngram"] - 1)
+    out["num_embeddings"] = integers("engram_num_embeddings", 1, count=len(out["layer_ids"]))
+    out["compressed_vocab_size"] = integer("engram_compressed_vocab_size", fields["engram_compressed_vocab_size"], 1)
+    out["pad_token_id"] = integer("engram_pad_token_id", fields["engram_pad_token_id"], 0)
+    return out
+
+
+def _from_hf_config(cls, config, compression) -> HashConfig:
+    f = _hf_fields(config)
+    lookup = np.asarray(getattr(compression, "lookup", compression))
+    if lookup.ndim != 1 or lookup.size == 0 or lookup.dtype.kind not in "iu":
+        raise CheckpointError("compression must be the checkpoint tokenizer's CompressedTokenizer (or its lookup array)")
+    got = int(lookup.max()) + 1
+    if got != f["compressed_vocab_size"]:
+        raise FingerprintMismatchError(
+            f"the tokenizer compresses to {got} ids but config.json says engram_compressed_vocab_size "
+            f"{f['compressed_vocab_size']}: use the tokenizer.json shipped with the checkpoint"
+        )
+    if f["pad_token_id"] >= lookup.size:
+        raise CheckpointError(
+            f"config.json engram_pad_token_id {f['pad_token_id']} is not a token id of the tokenizer "
+            f"(0..{lookup.size - 1}); use the checkpoint's own tokenizer.json"
+        )
+    try:
+        hc = cls(
+            compressed_vocab_size=f["compressed_vocab_size"],
+            table_sizes=tuple(f["table_sizes"]),
+            max_ngram=f["max_ngram"],
+            heads=f["heads"],
+            layer_ids=tuple(f["layer_ids"]),
+            pad_id=int(lookup[f["pad_token_id"]]),
+            seed=0,
+        )
+    except CheckpointError:
+        raise
+    except EngramStoreError as e:
+        raise CheckpointError(f"config.json engram_* fields do not make a hash config: {e}") from None
+    primes = layer_primes(hc)
+    for layer_id, rows in zip(hc.layer_ids, f["num_embeddings"]):
+        total = sum(sum(order) for order in primes[layer_id])
+        if total != rows:
+            raise CheckpointError(
+                f"config.json engram_num_embeddings gives layer {layer_id} {rows} rows, but its "
+                f"{hc.max_ngram - 1}x{hc.heads} head primes searched from engram_vocab_size "
+                f"{list(hc.table_sizes)} sum to {total}: the config is edited or not this hash; fix "
+                "engram_num_embeddings or engram_vocab_size"
+            )
+    return hc
+
 
 def layer_multipliers(config: HashConfig, layer_id: int) -> np.ndarray:
     """The layer's odd int64 multipliers (length max_ngram); raises if they could overflow int64."""
@@ -196,7 +304,7 @@ class NgramHasher:
             self._device_cache[key] = t
         return t
 
-    def _validate(self, ids) -> torch.Tensor:
+    def _validate(self, ids, dead_ok: bool = False) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
             ids = torch.as_tensor(np.asarray(ids))
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -206,42 +314,80 @@ class NgramHasher:
         if ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             v = self.config.compressed_vocab_size
-            if lo < 0 or hi >= v:
+            low = DEAD if dead_ok else 0
+            if lo < low or hi >= v:
+                hint = (f"{DEAD} marks a dead position; " if dead_ok else
+                        f"for dead positions ({DEAD}) use hash_live / row_ids_live; ")
                 raise InvalidRowIdsError(
-                    f"compressed id {lo if lo < 0 else hi} is outside [0, {v}); "
+                    f"compressed id {lo if lo < low else hi} is outside [0, {v}); {hint}"
                     "compress token ids with the checkpoint's CompressedTokenizer first"
                 )
         return ids.to(torch.int64)
 
-    def hash(self, compressed_ids) -> dict[int, torch.Tensor]:
-        """Per layer: LongTensor[B, T, K] of per-head local indices (order-2 heads first)."""
-        x = self._validate(compressed_ids)
+    def _lookbacks(self, x: torch.Tensor, dead: torch.Tensor | None) -> list[torch.Tensor]:
+        """shifted[k][:, t] = x[:, t-k], or the pad where t-k < 0 or a dead position lies in t-k..t."""
         B, T = x.shape
-        n = self.config.max_ngram
         pad = self.config.pad_id
-        # shifted[k][:, t] = x[:, t-k], left-padded with the pad id
+        if dead is not None:
+            pos = torch.arange(T, device=x.device)
+            # last_dead[b, t]: the latest dead position <= t (-1 if none); t-k reads the pad iff t-k <= it
+            last_dead = torch.where(dead, pos, -1).cummax(dim=1).values
+            x = torch.where(dead, pad, x)
         shifted = [x]
-        for k in range(1, n):
+        for k in range(1, self.config.max_ngram):
             s = torch.full_like(x, pad)
             if k < T:
                 s[:, k:] = x[:, : T - k]
+            if dead is not None:
+                s = torch.where(pos - k <= last_dead, pad, s)
             shifted.append(s)
+        return shifted
+
+    def _mix(self, shifted: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+        device = shifted[0].device
         out = {}
         for lid in self.config.layer_ids:
-            m = self._on("mult", lid, x.device)
-            primes = self._on("primes", lid, x.device)
+            m = self._on("mult", lid, device)
+            primes = self._on("primes", lid, device)
             mix = shifted[0] * m[0]
             per_order = []
-            for order in range(2, n + 1):
+            for order in range(2, self.config.max_ngram + 1):
                 mix = torch.bitwise_xor(mix, shifted[order - 1] * m[order - 1])
                 per_order.append(torch.remainder(mix.unsqueeze(-1), primes[order - 2]))  # (B, T, heads)
             out[lid] = torch.cat(per_order, dim=-1)
         return out
 
+    def hash(self, compressed_ids) -> dict[int, torch.Tensor]:
+        """Per layer: LongTensor[B, T, K] of per-head local indices (order-2 heads first)."""
+        return self._mix(self._lookbacks(self._validate(compressed_ids), None))
+
     def row_ids(self, compressed_ids) -> dict[int, torch.Tensor]:
         """Per layer: LongTensor[B, T, K] of global rows into the layer's table (hash + offsets)."""
         local = self.hash(compressed_ids)
         return {lid: h + self._on("offsets", lid, h.device) for lid, h in local.items()}
+
+    def hash_live(self, compressed_ids) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Like ``hash`` over ids where ``DEAD`` (-1) marks dead positions: (per layer [B, T, K], live [B, T]).
+
+        Lookbacks stop at a dead position (they read the pad), and a dead position's own entries
+        are ``DEAD_ROW``: the caller fetches only ``rows[live]`` and zeros the rest (gate 0).
+        """
+        x = self._validate(compressed_ids, dead_ok=True)
+        dead = x == DEAD
+        live = ~dead
+        local = self._mix(self._lookbacks(x, dead))
+        return {lid: h.masked_fill_(dead.unsqueeze(-1), DEAD_ROW) for lid, h in local.items()}, live
+
+    def row_ids_live(self, compressed_ids) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """Like ``row_ids`` with dead positions: (per layer LongTensor[B, T, K] of rows, BoolTensor live [B, T]).
+
+        Rows of dead positions are ``DEAD_ROW`` (-1), which no store accepts: pass ``rows[live]``
+        (shape [N_live, K]) to the store and scatter the result back into zeros.
+        """
+        local, live = self.hash_live(compressed_ids)
+        dead = ~live.unsqueeze(-1)
+        return {lid: (h + self._on("offsets", lid, h.device)).masked_fill_(dead, DEAD_ROW)
+                for lid, h in local.items()}, live
 
 
 def fingerprint(config: HashConfig, compression_lookup) -> str:
