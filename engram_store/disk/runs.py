@@ -1,0 +1,90 @@
+"""Reading many blocks of a flat file with few system calls and a deep I/O queue.
+
+A cold batch names blocks scattered over the file. Read one ``pread`` at a time, each call
+waits for its own round trip to the disk, so ``io_threads`` threads keep only that many reads
+in flight. Two things fix it (measured with ``bench/bench_cold.py``, see docs/cold_path.md):
+
+- **Hints.** A thread first announces all of its runs with ``posix_fadvise(WILLNEED)``, which
+  queues each read in the kernel and returns, so every read of the batch is in flight at once
+  (the queue depth io_uring gives, without a dependency); the ``preadv`` calls that follow wait
+  for data already on its way. A single run is read without a hint (it would only add a call).
+- **Runs.** Sorted blocks less than ``MERGE_GAP_BLOCKS`` apart are read as one range by one
+  ``preadv``, whose iovecs scatter the wanted blocks into their buffer rows and the gaps (and
+  the padding that ends a page-aligned block) into a scratch buffer: a dense batch costs a few
+  large reads instead of many small ones, a sparse one costs what it did.
+
+Blocks sit at ``b * stride``; ``stride`` is the block's bytes rounded up to whole pages (or, in
+stores written before page alignment, the block's bytes). Used from many threads at once: all
+state is per call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+# A gap of up to this many blocks is read through rather than split into a second read: one
+# more I/O costs about as much as 4-8 pages of transfer on the disks measured.
+MERGE_GAP_BLOCKS = 4
+# iovecs per preadv stay under IOV_MAX (1024): each block takes at most two (data, pad or gap).
+MAX_RUN_BLOCKS = 256
+
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+
+
+def run_starts(blocks: np.ndarray, max_gap: int = MERGE_GAP_BLOCKS, max_len: int = MAX_RUN_BLOCKS) -> np.ndarray:
+    """Indices into sorted unique ``blocks`` where a run starts: after a gap of more than
+    ``max_gap`` missing blocks, and every ``max_len`` blocks of a run."""
+    n = blocks.size
+    if n == 0:
+        return np.empty(0, np.int64)
+    new = np.ones(n, bool)
+    new[1:] = np.diff(blocks) > max_gap + 1
+    starts = np.flatnonzero(new)
+    # split long runs: position within its run, a new run every max_len blocks
+    run = np.cumsum(new) - 1
+    pos = np.arange(n) - starts[run]
+    return np.flatnonzero(new | (pos % max_len == 0))
+
+
+def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, stride: int, block_len) -> list:
+    """Blocks ``blocks[lo:hi]`` (sorted, unique) of the file ``fd`` into rows ``lo:hi`` of ``buf``.
+
+    ``block_len(b)`` is the byte count of block ``b`` (its rows; the last block may be short).
+    Returns ``[(b, got, want)]`` for each run that came back short (empty when all is well), so
+    the caller names the error; the bytes of the runs before a short one are in place.
+    """
+    seg = blocks[lo:hi]
+    if seg.size == 0:
+        return []
+    starts = run_starts(seg)
+    ends = np.append(starts[1:], seg.size)
+    first, last = seg[starts], seg[ends - 1]
+    if starts.size > 1 and _WILLNEED is not None:
+        for b0, b1 in zip(first.tolist(), last.tolist()):
+            os.posix_fadvise(fd, b0 * stride, (b1 - b0) * stride + block_len(b1), _WILLNEED)
+    scratch = memoryview(np.empty((MERGE_GAP_BLOCKS + 1) * stride, np.uint8))
+    short = []
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        iov, want = [], 0
+        span0 = prev = None  # buffer rows [span0, j) are one contiguous iovec so far
+        for j in range(s, e):
+            b = int(seg[j])
+            if prev is not None:
+                skip = (b - prev) * stride - block_len(prev)  # the previous block's pad and any gap
+                if skip:
+                    iov.append(memoryview(buf[lo + span0: lo + j]).cast("B")[: (j - span0 - 1) * buf.shape[1] + block_len(prev)])
+                    iov.append(scratch[:skip])
+                    want += skip
+                    span0 = j
+            if span0 is None:
+                span0 = j
+            want += block_len(b)
+            prev = b
+        iov.append(memoryview(buf[lo + span0: lo + e]).cast("B")[: (e - span0 - 1) * buf.shape[1] + block_len(prev)])
+        got = os.preadv(fd, iov, int(seg[s]) * stride)
+        if got != want:
+            short.append((int(seg[s]), got, want))
+            break
+    return short

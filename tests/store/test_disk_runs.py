@@ -1,0 +1,85 @@
+"""engram_store.disk.runs: merged, hinted block reads against a plain loop over a real file."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from engram_store.disk.runs import MAX_RUN_BLOCKS, MERGE_GAP_BLOCKS, read_runs, run_starts
+
+
+def plain_run_starts(blocks, max_gap, max_len):
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None or b - blocks[i - 1] > max_gap + 1 or i - start == max_len:
+            out.append(i)
+            start = i
+    return out
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_run_starts_matches_a_plain_loop(seed):
+    rng = np.random.default_rng(seed)
+    blocks = np.unique(rng.integers(0, rng.integers(1, 5000), rng.integers(1, 1200)))
+    for gap, length in [(MERGE_GAP_BLOCKS, MAX_RUN_BLOCKS), (0, 7), (3, 1)]:
+        assert run_starts(blocks, gap, length).tolist() == plain_run_starts(blocks.tolist(), gap, length)
+
+
+def write_layout(path, rows: np.ndarray, br: int, stride: int) -> None:
+    """Blocks of ``br`` rows, block b at b * stride, filler bytes between blocks (written plainly)."""
+    with open(path, "wb") as f:
+        n_blocks = -(-rows.shape[0] // br)
+        for b in range(n_blocks):
+            f.seek(b * stride)
+            f.write(rows[b * br:(b + 1) * br].tobytes())
+            if b < n_blocks - 1:
+                f.write(b"\xa5" * (stride - br * rows.shape[1]))  # filler that must never reach a block
+
+
+@pytest.mark.parametrize("rb,br,stride", [(264, 15, 4096), (128, 32, 4096), (100, 40, 4000), (6000, 1, 6000)])
+def test_read_runs_returns_each_blocks_bytes(tmp_path, rb, br, stride):
+    rng = np.random.default_rng(rb)
+    n_rows = 37 * br + br // 2 + 1  # a short last block
+    rows = rng.integers(0, 256, (n_rows, rb), dtype=np.uint8)
+    path = tmp_path / "t.rows"
+    write_layout(path, rows, br, stride)
+    n_blocks = -(-n_rows // br)
+
+    def block_len(b):
+        return min(br, n_rows - b * br) * rb
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for trial in range(30):
+            if trial == 0:
+                blocks = np.arange(n_blocks)  # every block: one long run, split at MAX_RUN_BLOCKS
+            else:
+                blocks = np.unique(rng.integers(0, n_blocks, rng.integers(1, 2 * n_blocks)))
+            buf = np.zeros((blocks.size, br * rb), np.uint8)
+            # as the pool splits a batch: each thread reads blocks[lo:hi] into buf[lo:hi]
+            cuts = [0, blocks.size] if trial % 2 else [0, blocks.size // 3, blocks.size]
+            for lo, hi in zip(cuts, cuts[1:]):
+                assert read_runs(fd, blocks, buf, lo, hi, stride, block_len) == []
+            for i, b in enumerate(blocks.tolist()):
+                n = block_len(b)
+                assert np.array_equal(buf[i, :n], rows[b * br: b * br + n // rb].reshape(-1)), (trial, b)
+    finally:
+        os.close(fd)
+
+
+def test_read_runs_reports_a_short_read(tmp_path):
+    rb, br, stride = 264, 15, 4096
+    rows = np.arange(40 * br * rb, dtype=np.uint64).astype(np.uint8).reshape(-1, rb)
+    path = tmp_path / "t.rows"
+    write_layout(path, rows, br, stride)
+    os.truncate(path, 20 * stride + 100)  # cut inside block 20
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = np.array([3, 19, 20, 30])
+        buf = np.zeros((4, br * rb), np.uint8)
+        short = read_runs(fd, blocks, buf, 0, 4, stride, lambda b: br * rb)
+        assert short and short[0][1] < short[0][2]
+    finally:
+        os.close(fd)
