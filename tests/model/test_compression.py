@@ -117,3 +117,17 @@ def test_empty_vocabulary_and_corpus_rejected():
         CompressedTokenizer(np.array([], dtype=np.int64))
     with pytest.raises(EngramStoreError, match="empty"):
         train_bpe(["", "   \n"])
+
+
+def test_dead_positions_pass_through_only_when_asked():
+    tok = word_tokenizer(WORDS)
+    c = CompressedTokenizer.from_tokenizer(tok)
+    ids = np.array([[-1, 1, 2], [3, -1, -1]])
+    want = [[-1 if i == -1 else int(c.lookup[i]) for i in row] for row in ids.tolist()]
+    assert c.compress(ids, dead_ok=True).tolist() == want
+    t = c.compress(torch.tensor(ids, dtype=torch.int32), dead_ok=True)
+    assert t.dtype == torch.int64 and t.shape == (2, 3) and t.tolist() == want
+    with pytest.raises(InvalidRowIdsError, match="dead_ok=True"):
+        c.compress(ids)
+    with pytest.raises(InvalidRowIdsError, match="outside"):
+        c.compress(torch.tensor([0, -2]), dead_ok=True)
