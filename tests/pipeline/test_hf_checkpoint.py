@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import engram_pipeline.v41_checkpoint as v41
-from engram_model.compression import CompressedTokenizer
+from engram_model.compression import CompressedTokenizer, v4_tokenizer_path
 from engram_model.hashing import fingerprint
 from engram_pipeline.hf_checkpoint import ROW_BYTES, is_hf_checkpoint, open_hf_checkpoint
 from engram_pipeline.v41_checkpoint import EDGE_ROWS, V41Params, expected_rows, write_v41_checkpoint
@@ -176,7 +176,7 @@ def test_config_fields_hash_config_and_table_sizes(ckpt_dir):
     with open_hf_checkpoint(ckpt_dir) as ck:
         from tokenizers import Tokenizer
 
-        comp = CompressedTokenizer.from_tokenizer(Tokenizer.from_file(str(v41.tokenizer_path())))
+        comp = CompressedTokenizer.from_tokenizer(Tokenizer.from_file(str(v4_tokenizer_path())))
         assert np.array_equal(ck.compression.lookup, comp.lookup)
         hc = ck.hash_config
         assert hc.compressed_vocab_size == 99_092 and hc.pad_id == int(comp.lookup[2]) and hc.seed == 0
@@ -316,7 +316,7 @@ def test_offsets_that_do_not_match_the_shape(copy):
 
 def test_compressed_vocab_size_differs_from_the_tokenizer(copy):
     _edit_json(copy / "config.json", lambda c: c["text_config"].update(engram_compressed_vocab_size=99_093))
-    with pytest.raises(FingerprintMismatchError, match=r"tokenizer.json compresses to 99092 ids.*99093"):
+    with pytest.raises(FingerprintMismatchError, match=r"tokenizer.json: the tokenizer compresses to 99092 ids.*99093"):
         open_hf_checkpoint(copy)
 
 
