@@ -1,53 +1,36 @@
 """Writing a store: :class:`StoreWriter` (streaming) and :func:`write` (tables in memory).
 
-Atomic: everything is written into a sibling temporary directory
-``.<name>.partial-<random>``, every file and the directory are fsynced, and only then is it
-renamed to ``path``. A crash or an exception leaves any earlier store at ``path`` whole
-(with ``overwrite`` the new store and the old one are swapped in one ``renameat2(RENAME_EXCHANGE)``
-where the kernel and filesystem support it, so ``path`` is never missing; elsewhere the old one is
-renamed aside, the new one renamed in, then the old one removed). A failed write (disk full, file-size
-limit) removes the temporary directory and raises ``StoreWriteError``. Not thread-safe: one writer is
-used from one thread.
+The writer orders the work (tables, rows in rank order, whole blocks, the remap arrays and the
+manifest); the backend module (``engram_store.disk``) turns blocks into its files. Atomic:
+everything goes into a partial sibling directory that :class:`engram_store.format.PartialDir`
+commits (fsync of every file and directory, then one ``renameat2(RENAME_EXCHANGE)`` over an
+existing store, so ``path`` always holds the old store or the new one, whole). A failed write
+(disk full, file-size limit, a failed fsync) removes the partial directory and raises
+``StoreWriteError``. Not thread-safe: one writer is used from one thread.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 import lmdb
 import numpy as np
 import torch
-import zstandard
 
-from engram_store.ids import as_permutation
+from engram_store.disk import open_writer
 from engram_store.errors import EngramStoreError, InvalidValuesError, StoreExistsError, StoreWriteError
 from engram_store.format import (
-    BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, LMDB_DIR, MANIFEST, TableInfo, block_rows_for,
-    check_table_name, crc32, dtype_from_any, fsync_path, manifest_bytes, remap_dtype, seal_manifest,
+    BACKENDS, DTYPE_NAMES, FORMAT_NAME, FORMAT_VERSION, MANIFEST, PartialDir, TableInfo, block_rows_for,
+    check_table_name, crc32, dtype_from_any, manifest_bytes, remap_dtype, seal_manifest,
 )
+from engram_store.format.rows import check_row_format
+from engram_store.ids import as_permutation
 
 # Byte-shuffling before zstd: measured by bench/bench_tiers.py (see docs/readme_store.md);
 # the winner is the default and is recorded per table in the manifest.
 DEFAULT_SHUFFLE = True
 DEFAULT_LEVEL = 3
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    return False  # EINVAL / ENOSYS (filesystem or kernel without it): the caller falls back
 
 
 def _as_order(order, rows: int) -> np.ndarray | None:
@@ -62,8 +45,6 @@ class _TableState:
         self.remap = remap
         self.written = 0
         self.pending = bytearray()  # bytes of the current, incomplete block
-        self.crcs: list[int] = []
-        self.block = 0
 
 
 class StoreWriter:
@@ -95,23 +76,23 @@ class StoreWriter:
         self.block_bytes = block_bytes
         self.shuffle = DEFAULT_SHUFFLE if shuffle is None else bool(shuffle)
         self.level = int(level)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{uuid.uuid4().hex[:12]}"
-        self.tmp.mkdir()
+        self._partial = PartialDir(self.path)
+        self.tmp = self._partial.path
+        self._rows = open_writer(backend, self.tmp, shuffle=self.shuffle, level=self.level)
         self._tables: dict[str, _TableState] = {}
-        self._files: dict[str, object] = {}
-        self._env = None
-        self._cctx = zstandard.ZstdCompressor(level=self.level)
         self._done = False
 
     # -- building ------------------------------------------------------------------------
-    def add_table(self, name: str, rows: int, dim: int, dtype, order=None) -> None:
+    def add_table(self, name: str, rows: int, dim: int, dtype, order=None, row_format: str | None = None) -> None:
+        """Declare a table of ``rows`` x ``dim`` ``dtype`` values; ``order[rank] = row id`` (None: identity);
+        ``row_format``: how its uint8 rows decode (``format.ROW_FORMATS``, e.g. "fp8_e4m3_ue8m0"), or None."""
         check_table_name(name)
         if name in self._tables:
             raise EngramStoreError(f"table {name!r} added twice")
         if int(rows) < 0 or int(dim) < 1:
             raise InvalidValuesError(f"table {name!r}: rows must be >= 0 and dim >= 1, got {rows} x {dim}")
-        info = TableInfo(int(rows), int(dim), dtype_from_any(dtype))
+        info = TableInfo(int(rows), int(dim), dtype_from_any(dtype), row_format)
+        check_row_format(row_format, info.dtype, info.dim, f"table {name!r}")
         o = _as_order(order, info.rows)
         remap = np.empty(info.rows, dtype=remap_dtype(info.rows))
         if o is None:
@@ -119,17 +100,11 @@ class StoreWriter:
         else:
             remap[o] = np.arange(info.rows)
         st = _TableState(name, info, block_rows_for(info.row_bytes, self.backend, self.block_bytes), remap)
+        try:
+            self._rows.add_table(name, info, st.block_rows)
+        except (OSError, lmdb.Error) as e:
+            raise self._write_failed(e) from e
         self._tables[name] = st
-        if self.backend == "mmap":
-            self._files[name] = open(self.tmp / f"{name}.rows", "wb")
-        else:
-            self._ensure_env()
-
-    def _ensure_env(self) -> None:
-        if self._env is None:
-            from engram_store.disk.lmdb_zstd import open_env
-            total = sum(t.info.nbytes for t in self._tables.values())
-            self._env = open_env(self.tmp / LMDB_DIR, map_size=max(1 << 30, 2 * total + (64 << 20)))
 
     def write_rows(self, name: str, chunk) -> None:
         """Append ``chunk`` (``[n, dim]`` of the table's dtype) in rank order."""
@@ -162,24 +137,14 @@ class StoreWriter:
         )
 
     def _flush(self, st: _TableState, final: bool) -> None:
+        """Hand the backend every whole block of ``st.pending`` (and the short last one if ``final``)."""
         bb = st.block_rows * st.info.row_bytes
-        n_full = len(st.pending) // bb
-        end = len(st.pending) if final else n_full * bb
-        data = bytes(st.pending[:end])
+        end = len(st.pending) if final else len(st.pending) // bb * bb
+        if end == 0:
+            return
+        data = memoryview(bytes(st.pending[:end]))
         del st.pending[:end]
-        mv = memoryview(data)
-        blocks = [mv[i: min(i + bb, end)] for i in range(0, end, bb)]
-        if self.backend == "mmap":
-            f = self._files[st.name]
-            f.write(data)
-            st.crcs.extend(crc32(b) for b in blocks)
-        else:
-            from engram_store.disk.lmdb_zstd import block_key, encode_block
-            itemsize = st.info.row_bytes // st.info.dim
-            with self._env.begin(write=True) as txn:
-                for b in blocks:
-                    txn.put(block_key(st.name, st.block), encode_block(b, itemsize, self.shuffle, self._cctx))
-                    st.block += 1
+        self._rows.write_blocks(st.name, [data[i: min(i + bb, end)] for i in range(0, end, bb)])
 
     # -- commit / abort ------------------------------------------------------------------
     def commit(self) -> Path:
@@ -189,25 +154,11 @@ class StoreWriter:
             self._seal()
         except (OSError, lmdb.Error) as e:
             raise self._write_failed(e) from e
-        if self.path.exists() and _exchange(self.tmp, self.path):
-            # The new store took the old one's place in one step; the old one is now at tmp.
-            fsync_path(self.path.parent)
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self._done = True
-            return self.path
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        fsync_path(self.path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         self._done = True
-        return self.path
+        return self._partial.commit()  # on failure it removes the partial directory itself
 
     def _seal(self) -> None:
-        """Finish every file in the temporary directory, write the manifest, fsync it all."""
+        """Finish every table's files in the partial directory, then the remap arrays and the manifest."""
         tables = {}
         for name, st in self._tables.items():
             if st.written != st.info.rows:
@@ -216,46 +167,21 @@ class StoreWriter:
                 )
             entry = {"rows": st.info.rows, "dim": st.info.dim, "dtype": DTYPE_NAMES[st.info.dtype],
                      "row_bytes": st.info.row_bytes, "block_rows": st.block_rows, "remap": f"{name}.remap.npy"}
-            if self.backend == "mmap":
-                f = self._files.pop(name)
-                f.flush()
-                os.fsync(f.fileno())
-                f.close()
-                entry.update(rows_file=f"{name}.rows", crc_file=f"{name}.crc32", checksum="crc32")
-                crc_path = self.tmp / f"{name}.crc32"
-                crc_path.write_bytes(np.asarray(st.crcs, dtype="<u4").tobytes())
-                fsync_path(crc_path)
-            else:
-                entry.update(codec="zstd", level=self.level, shuffle=self.shuffle, checksum="crc32")
+            if st.info.row_format is not None:
+                entry["row_format"] = st.info.row_format
+            entry.update(self._rows.finish_table(name))
             rpath = self.tmp / f"{name}.remap.npy"
             np.save(rpath, st.remap, allow_pickle=False)
-            fsync_path(rpath)
             entry["remap_crc32"] = crc32(rpath.read_bytes())
             tables[name] = entry
-        if self._env is not None:
-            self._env.sync(True)
-            self._env.close()
-            self._env = None
-            for p in (self.tmp / LMDB_DIR).iterdir():
-                fsync_path(p)
-            fsync_path(self.tmp / LMDB_DIR)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "backend": self.backend,
                     "fingerprint": self.fingerprint, "tier_plan": self.tier_plan, "tables": tables}
-        if self.backend == "lmdb":
-            manifest["lmdb_dir"] = LMDB_DIR
-        mpath = self.tmp / MANIFEST
-        mpath.write_bytes(manifest_bytes(seal_manifest(manifest)))
-        fsync_path(mpath)
-        fsync_path(self.tmp)
+        manifest.update(self._rows.finish())
+        (self.tmp / MANIFEST).write_bytes(manifest_bytes(seal_manifest(manifest)))
 
     def abort(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-        if self._env is not None:
-            self._env.close()
-            self._env = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._rows.abort()
+        self._partial.abort()
         self._done = True
 
     def __enter__(self) -> "StoreWriter":

@@ -2,17 +2,24 @@
 
 A backend subclasses :class:`BlockDisk`, keeps ``self.tables[name]`` objects with ``br``
 (rows per block) and ``rb`` (row bytes), and implements :meth:`_read_blocks` (read and
-verify whole blocks into a buffer). Everything above that is here once.
+verify whole blocks into a buffer). Everything above that is here once: scattered reads
+in bounded chunks (:meth:`read`), ranges (:meth:`read_range`) and ranges that skip
+corrupt blocks (:meth:`read_range_valid`, for warming tiers and for ``verify``).
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
 
-from engram_store.format import read_rows
+from engram_store.errors import StoreCorruptError
+
+# A cold read of n rows scattered over n blocks needs n whole blocks of buffer (a 4 KiB block per
+# 128-byte row is 32x the rows): past this many bytes of blocks, a read goes in chunks.
+READ_CHUNK_BYTES = 32 << 20
 
 
 class BlockTable:
@@ -25,6 +32,34 @@ class BlockTable:
     def block_len(self, b: int) -> int:
         """Bytes of block ``b`` (the last block may be short)."""
         return min(self.br, self.info.rows - b * self.br) * self.rb
+
+
+def read_rows(parallel, t: BlockTable, ranks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Rows ``ranks`` of table ``t`` as uint8 ``[n, rb]`` and bytes read.
+
+    ``parallel(t, blocks, buf)`` reads (and verifies) whole blocks into ``buf``; at most
+    ``READ_CHUNK_BYTES`` of blocks are held at once, so a huge batch never needs a huge buffer.
+    """
+    blocks = ranks // t.br
+    ublocks, binv = np.unique(blocks, return_inverse=True)
+    binv = binv.reshape(-1)
+    bb = t.br * t.rb
+    per = max(1, READ_CHUNK_BYTES // bb)
+    if ublocks.size <= per:
+        buf = np.empty((ublocks.size, bb), np.uint8)
+        moved = parallel(t, ublocks, buf)
+        return buf.reshape(ublocks.size, t.br, t.rb)[binv, ranks - blocks * t.br], moved
+    out = np.empty((ranks.size, t.rb), np.uint8)
+    order = np.argsort(binv, kind="stable")
+    edges = np.searchsorted(binv[order], np.arange(0, ublocks.size + per, per))
+    buf = np.empty((per, bb), np.uint8)
+    moved = 0
+    for i, c0 in enumerate(range(0, ublocks.size, per)):
+        c1 = min(ublocks.size, c0 + per)
+        moved += parallel(t, ublocks[c0:c1], buf[: c1 - c0])
+        sel = order[edges[i]: edges[i + 1]]
+        out[sel] = buf.reshape(per, t.br, t.rb)[binv[sel] - c0, ranks[sel] - blocks[sel] * t.br]
+    return out, moved
 
 
 class BlockDisk:
@@ -49,6 +84,9 @@ class BlockDisk:
         edges = np.linspace(0, n, parts + 1).astype(int)
         futs = [self.pool.submit(self._read_blocks, t, blocks, buf, int(edges[i]), int(edges[i + 1]))
                 for i in range(parts)]
+        # Every part finishes before a failure is raised: a caller that closes the disk on the error
+        # must not pull the LMDB map or the file out from under a part still reading.
+        wait(futs)
         return sum(f.result() for f in futs)
 
     def read(self, table: str, ranks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -69,3 +107,37 @@ class BlockDisk:
         buf = np.empty((blocks.size, t.br * t.rb), np.uint8)
         self._parallel(t, blocks, buf)
         return buf.reshape(-1, t.rb)[start - b0 * t.br: stop - b0 * t.br]
+
+    def read_range_valid(self, table: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows of ranks ``[start, stop)`` as ``(first_rank, uint8 [n, row_bytes])`` pieces in rank order,
+        leaving out every block that fails its checks (the gaps are the corrupt blocks).
+
+        Reads ``READ_CHUNK_BYTES`` of blocks at a time; a chunk that fails is read again block by
+        block, so one bad block costs only itself.
+        """
+        t = self.tables[table]
+        step = max(1, READ_CHUNK_BYTES // (t.br * t.rb)) * t.br
+        s = start
+        while s < stop:
+            e = min(stop, (s // t.br) * t.br + step)
+            try:
+                rows = self.read_range(table, s, e)
+            except StoreCorruptError:
+                yield from self._blocks_valid(table, s, e)
+            else:
+                yield s, rows
+            s = e
+
+    def _blocks_valid(self, table: str, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``read_range_valid`` one block at a time: each block that passes its checks."""
+        br = self.tables[table].br
+        s = start
+        while s < stop:
+            e = min(stop, (s // br + 1) * br)
+            try:
+                rows = self.read_range(table, s, e)
+            except StoreCorruptError:
+                rows = None
+            if rows is not None:
+                yield s, rows
+            s = e

@@ -1,10 +1,11 @@
-"""The ``mmap`` disk backend: one flat little-endian row file per table, read with parallel ``pread``.
+"""The flat-file disk backend (manifest name ``"mmap"``): one little-endian row file per table, read
+with parallel ``pread``; :class:`FlatFileDisk` reads and updates it, :class:`FlatFileWriter` writes it.
 
 Rows sit in rank order at ``rank * row_bytes``; a checksum file holds one crc32 per block of
 ``block_rows`` rows (one 4 KiB page by default). A cold read fetches the whole block of every
 row it needs (it costs the same page fault), verifies its crc32 and cuts the rows out; the
 blocks are spread over the store's I/O thread pool (one thread is ~4x slower than eight on a
-cold disk). Despite the name no memory map is used on the read path: ``os.preadv`` into a
+cold disk). Despite the backend's name no memory map is used on the read path: ``os.preadv`` into a
 NumPy buffer is as fast, and a truncated file is an error instead of a SIGBUS.
 
 Updates are atomic through a redo journal: the new blocks and checksums are written to
@@ -82,8 +83,8 @@ class _Table(BlockTable):
             os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
 
 
-class MmapDisk(BlockDisk):
-    """All tables of one mmap-backend store. ``pool`` runs the parallel reads."""
+class FlatFileDisk(BlockDisk):
+    """All tables of one flat-file ("mmap" backend) store. ``pool`` runs the parallel reads."""
 
     backend = "mmap"
 
@@ -223,3 +224,47 @@ class MmapDisk(BlockDisk):
             except OSError:
                 pass
         self.tables = {}
+
+
+class FlatFileWriter:
+    """The row files of a new flat-file store, written into the (partial) directory ``root``.
+
+    Called by :class:`engram_store.writer.StoreWriter` with whole blocks in rank order (a table's
+    last block may be short); the commit fsyncs the files, so nothing here needs to.
+    """
+
+    backend = "mmap"
+
+    def __init__(self, root: Path, **_codec_options) -> None:  # no codec: rows are stored as they are
+        self.root = Path(root)
+        self._files: dict[str, object] = {}
+        self._crcs: dict[str, list[int]] = {}
+
+    def add_table(self, name: str, info: TableInfo, block_rows: int) -> None:
+        self._files[name] = open(self.root / f"{name}.rows", "wb")
+        self._crcs[name] = []
+
+    def write_blocks(self, name: str, blocks: list[memoryview]) -> None:
+        f = self._files[name]
+        for b in blocks:
+            f.write(b)
+        self._crcs[name].extend(crc32(b) for b in blocks)
+
+    def finish_table(self, name: str) -> dict:
+        """Close the table's files; returns its manifest entry's backend fields."""
+        self._files.pop(name).close()
+        (self.root / f"{name}.crc32").write_bytes(np.asarray(self._crcs.pop(name), dtype="<u4").tobytes())
+        return {"rows_file": f"{name}.rows", "crc_file": f"{name}.crc32", "checksum": "crc32"}
+
+    def finish(self) -> dict:
+        """After every table: the manifest's backend fields."""
+        return {}
+
+    def abort(self) -> None:
+        """Close the files without caring what happens to their bytes: the directory is being removed."""
+        for f in self._files.values():
+            try:
+                f.close()
+            except OSError:  # the flush of a buffered tail fails again on a full disk
+                pass
+        self._files.clear()

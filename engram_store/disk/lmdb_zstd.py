@@ -4,7 +4,8 @@ Key: table name + ``b"/"`` + block index (8 bytes big-endian, so a table's block
 adjacent in the B-tree). Value: the crc32 of the raw block bytes (uint32 LE), then a zstd
 frame of the block bytes, byte-shuffled first when the table's ``shuffle`` flag is set
 (all first bytes of every element, then all second bytes, ...: the exponent bytes of
-float rows line up, which zstd compresses better).
+float rows line up, which zstd compresses better). :func:`encode_block` / :func:`decode_block`
+are that codec, the only one; :class:`LmdbDisk` reads and updates, :class:`LmdbWriter` writes.
 
 Reads run on the store's I/O pool, one read transaction per thread and chunk; updates are
 one LMDB write transaction (blocks and their checksums change together or not at all).
@@ -25,17 +26,73 @@ import zstandard
 
 from engram_store.disk.blocks import BlockDisk, BlockTable
 from engram_store.errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
-from engram_store.format import LMDB_DIR, TableInfo, crc32, shuffle_bytes
+from engram_store.format import LMDB_DIR, TableInfo, crc32
 
 
 def block_key(table: str, block: int) -> bytes:
     return table.encode() + b"/" + int(block).to_bytes(8, "big")
 
 
+# -- the block codec: value = crc32 (uint32 LE) of the raw block + one zstd frame of the payload,
+#    the payload being the raw bytes, byte-shuffled when the table's shuffle flag is set.
+
+def shuffle_bytes(raw: bytes | memoryview, itemsize: int) -> bytes:
+    """Byte-shuffle: all first bytes of the elements, then all second bytes, ..."""
+    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
+
+
 def encode_block(raw: bytes | memoryview, itemsize: int, shuffle: bool, cctx: zstandard.ZstdCompressor) -> bytes:
+    """The stored value of a block of ``raw`` row bytes."""
     c = crc32(raw).to_bytes(4, "little")
     payload = shuffle_bytes(raw, itemsize) if shuffle else raw
     return c + cctx.compress(payload)
+
+
+def decompress_block(value, n: int, dctx: zstandard.ZstdDecompressor, table: str, block: int) -> bytes:
+    """The payload of stored ``value`` (bytes-like; None: the block is missing), exactly ``n`` bytes."""
+    if value is None:
+        raise StoreCorruptError(f"table {table!r} block {block}: missing from the LMDB environment; rebuild the store")
+    try:
+        payload = dctx.decompress(value[4:], max_output_size=n)
+    except zstandard.ZstdError as e:
+        raise StoreCorruptError(f"table {table!r} block {block}: zstd frame is corrupt ({e}); rebuild the store") from e
+    if len(payload) != n:
+        raise StoreCorruptError(f"table {table!r} block {block}: {len(payload)} bytes, expected {n}; rebuild the store")
+    return payload
+
+
+def stored_crc(value) -> int:
+    return int.from_bytes(bytes(value[:4]), "little")
+
+
+def unshuffle_into(payloads: list[bytes], out: np.ndarray, itemsize: int, shuffle: bool) -> None:
+    """Payloads of consecutive blocks into the rows of ``out`` (uint8 ``[k, block bytes]``, C-contiguous):
+    the inverse of :func:`shuffle_bytes` (or a copy). The leading full-size payloads go in one
+    vectorised copy (less time holding the GIL per block), a short one (a table's last block) on its own."""
+    k, full = len(payloads), out.shape[1]
+    m = next((j for j, r in enumerate(payloads) if len(r) != full), k)
+    if m:
+        src = np.frombuffer(b"".join(payloads[:m]) if m > 1 else payloads[0], np.uint8)
+        if shuffle:
+            out[:m].reshape(m, -1, itemsize)[...] = src.reshape(m, itemsize, -1).transpose(0, 2, 1)
+        else:
+            out[:m] = src.reshape(m, full)
+    for j in range(m, k):
+        src, dst = np.frombuffer(payloads[j], np.uint8), out[j, : len(payloads[j])]
+        if shuffle:
+            dst.reshape(-1, itemsize)[...] = src.reshape(itemsize, -1).T
+        else:
+            dst[...] = src
+
+
+def decode_block(value, n: int, itemsize: int, shuffle: bool, dctx: zstandard.ZstdDecompressor, table: str,
+                 block: int, verify: bool = True) -> np.ndarray:
+    """The ``n`` raw bytes (uint8) of one block from its stored ``value``, crc32 checked if ``verify``."""
+    out = np.empty((1, n), np.uint8)
+    unshuffle_into([decompress_block(value, n, dctx, table, block)], out, itemsize, shuffle)
+    if verify and crc32(out) != stored_crc(value):
+        raise StoreCorruptError(f"table {table!r} block {block}: checksum mismatch; the store is corrupt: rebuild it")
+    return out.reshape(-1)
 
 
 def open_env(path: Path, *, readonly: bool = False, map_size: int | None = None) -> lmdb.Environment:
@@ -90,31 +147,6 @@ class LmdbDisk(BlockDisk):
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def _decode(self, t: _Table, b: int, value) -> np.ndarray:
-        """The raw bytes of block ``b`` from its stored ``value`` (checksum verified if ``verify``)."""
-        if value is None:
-            raise StoreCorruptError(f"table {t.name!r} block {b}: missing from the LMDB environment; rebuild the store")
-        out = np.empty(t.block_len(b), np.uint8)
-        self._decode_into(t, b, value, out)
-        return out
-
-    def _decode_into(self, t: _Table, b: int, value, out: np.ndarray) -> None:
-        """Decompress (and unshuffle) stored ``value`` (bytes-like) straight into ``out`` (uint8, the block's size)."""
-        n = out.size
-        try:
-            raw = self._dctx().decompress(value[4:], max_output_size=n)
-        except zstandard.ZstdError as e:
-            raise StoreCorruptError(f"table {t.name!r} block {b}: zstd frame is corrupt ({e}); rebuild the store") from e
-        if len(raw) != n:
-            raise StoreCorruptError(f"table {t.name!r} block {b}: {len(raw)} bytes, expected {n}; rebuild the store")
-        src = np.frombuffer(raw, np.uint8)
-        if t.shuffle:  # the inverse of format.shuffle_bytes, written in place
-            out.reshape(-1, t.itemsize)[...] = src.reshape(t.itemsize, -1).T
-        else:
-            out[...] = src
-        if self.verify and crc32(out) != int.from_bytes(bytes(value[:4]), "little"):
-            raise StoreCorruptError(f"table {t.name!r} block {b}: checksum mismatch; the store is corrupt: rebuild it")
-
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf``; returns the stored bytes read.
 
@@ -126,72 +158,93 @@ class LmdbDisk(BlockDisk):
         prefix = t.name.encode() + b"/"
         dctx = self._dctx()
         moved = 0
-        raws, crcs = [], []
+        payloads, crcs = [], []
         with self.env.begin(buffers=True) as txn:
             for i in range(lo, hi):
                 b = int(blocks[i])
                 v = txn.get(prefix + b.to_bytes(8, "big"))
-                if v is None:
-                    raise StoreCorruptError(
-                        f"table {t.name!r} block {b}: missing from the LMDB environment; rebuild the store")
-                n = t.block_len(b)
-                try:
-                    raw = dctx.decompress(v[4:], max_output_size=n)
-                except zstandard.ZstdError as e:
-                    raise StoreCorruptError(
-                        f"table {t.name!r} block {b}: zstd frame is corrupt ({e}); rebuild the store") from e
-                if len(raw) != n:
-                    raise StoreCorruptError(
-                        f"table {t.name!r} block {b}: {len(raw)} bytes, expected {n}; rebuild the store")
+                payloads.append(decompress_block(v, t.block_len(b), dctx, t.name, b))
+                crcs.append(stored_crc(v))
                 moved += len(v)
-                crcs.append(bytes(v[:4]))
-                raws.append(raw)
-        self._place(t, raws, buf, lo)
+        unshuffle_into(payloads, buf[lo:hi], t.itemsize, t.shuffle)
         if self.verify:
             for j, c in enumerate(crcs):
-                if crc32(buf[lo + j, : len(raws[j])]) != int.from_bytes(c, "little"):
+                if crc32(buf[lo + j, : len(payloads[j])]) != c:
                     raise StoreCorruptError(f"table {t.name!r} block {int(blocks[lo + j])}: checksum mismatch; "
                                             "the store is corrupt: rebuild it")
         return moved
-
-    @staticmethod
-    def _place(t: _Table, raws: list, buf: np.ndarray, lo: int) -> None:
-        """Unshuffle (or copy) decompressed blocks ``raws`` into rows ``lo:`` of ``buf``: the leading
-        full-size blocks in one vectorised copy, a short one (a table's last block) on its own."""
-        full, k = t.br * t.rb, len(raws)
-        m = next((j for j, r in enumerate(raws) if len(r) != full), k)
-        if m:
-            src = np.frombuffer(b"".join(raws[:m]), np.uint8)
-            if t.shuffle:  # the inverse of format.shuffle_bytes, block by block
-                buf[lo: lo + m].reshape(m, -1, t.itemsize)[...] = src.reshape(m, t.itemsize, -1).transpose(0, 2, 1)
-            else:
-                buf[lo: lo + m] = src.reshape(m, full)
-        for j in range(m, k):
-            src, out = np.frombuffer(raws[j], np.uint8), buf[lo + j, : len(raws[j])]
-            if t.shuffle:
-                out.reshape(-1, t.itemsize)[...] = src.reshape(t.itemsize, -1).T
-            else:
-                out[...] = src
 
     def write(self, table: str, ranks: np.ndarray, rows: np.ndarray) -> None:
         """Replace rows ``ranks`` (sorted, unique) in one write transaction."""
         t = self.tables[table]
         blocks = np.unique(ranks // t.br)
         cctx = zstandard.ZstdCompressor(level=t.level)
-        verify, self.verify = self.verify, True
-        try:
-            with self.env.begin(write=True) as txn:
-                for b in blocks:
-                    b = int(b)
-                    key = block_key(t.name, b)
-                    arr = self._decode(t, b, txn.get(key)).reshape(-1, t.rb).copy()
-                    sel = (ranks // t.br) == b
-                    arr[ranks[sel] - b * t.br] = rows[sel]
-                    txn.put(key, encode_block(arr.tobytes(), t.itemsize, t.shuffle, cctx))
-        finally:
-            self.verify = verify
+        with self.env.begin(write=True) as txn:  # never rewrite a block we cannot vouch for: verified
+            for b in blocks:
+                b = int(b)
+                key = block_key(t.name, b)
+                arr = decode_block(txn.get(key), t.block_len(b), t.itemsize, t.shuffle, self._dctx(),
+                                   t.name, b).reshape(-1, t.rb)
+                sel = (ranks // t.br) == b
+                arr[ranks[sel] - b * t.br] = rows[sel]
+                txn.put(key, encode_block(arr.tobytes(), t.itemsize, t.shuffle, cctx))
 
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
             self.env = None
+
+
+class LmdbWriter:
+    """The LMDB environment of a new store, written into the (partial) directory ``root``.
+
+    Called by :class:`engram_store.writer.StoreWriter` with whole blocks in rank order (a table's
+    last block may be short); each call is one write transaction. ``shuffle``: byte-shuffle
+    before zstd; ``level``: the zstd level (both recorded per table in the manifest).
+    """
+
+    backend = "lmdb"
+
+    def __init__(self, root: Path, *, shuffle: bool, level: int) -> None:
+        self.root = Path(root)
+        self.shuffle = bool(shuffle)
+        self.level = int(level)
+        self._cctx = zstandard.ZstdCompressor(level=self.level)
+        self._env: lmdb.Environment | None = None
+        self._tables: dict[str, tuple[int, int]] = {}  # name -> (itemsize, next block index)
+        self._bytes = 0
+
+    def add_table(self, name: str, info: TableInfo, block_rows: int) -> None:
+        self._tables[name] = (info.row_bytes // info.dim, 0)
+        self._bytes += info.nbytes
+        # Room for every table added so far: the values are at most ~raw size, LMDB pages round up.
+        need = max(1 << 30, 2 * self._bytes + (64 << 20))
+        if self._env is None:
+            self._env = open_env(self.root / LMDB_DIR, map_size=need)
+        elif self._env.info()["map_size"] < need:
+            self._env.set_mapsize(need)
+
+    def write_blocks(self, name: str, blocks: list[memoryview]) -> None:
+        itemsize, b = self._tables[name]
+        with self._env.begin(write=True) as txn:
+            for raw in blocks:
+                txn.put(block_key(name, b), encode_block(raw, itemsize, self.shuffle, self._cctx))
+                b += 1
+        self._tables[name] = (itemsize, b)
+
+    def finish_table(self, name: str) -> dict:
+        """The table's manifest entry's backend fields."""
+        return {"codec": "zstd", "level": self.level, "shuffle": self.shuffle, "checksum": "crc32"}
+
+    def finish(self) -> dict:
+        """After every table: close the environment (its files are complete); the manifest's backend fields."""
+        if self._env is not None:
+            self._env.sync(True)
+            self._env.close()
+            self._env = None
+        return {"lmdb_dir": LMDB_DIR}
+
+    def abort(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None

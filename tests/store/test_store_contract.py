@@ -299,12 +299,12 @@ class TestMmapStore(StoreContract):
             f.write(bytes([b[0] ^ 0x40]))
 
     def test_update_journal_replayed_after_crash(self, tmp_path, monkeypatch):
-        from engram_store.disk import flatfile as disk_mmap
+        from engram_store.disk import flatfile as disk_flatfile
         T = make_table(1000, 8, torch.float32)
         path = self.build(tmp_path, {"t": T})
         s = engram_store.open(path, device="cpu")
         # crash after the journal is durable, before the in-place write
-        monkeypatch.setattr(disk_mmap.MmapDisk, "_apply", lambda self, records: (_ for _ in ()).throw(OSError("power cut")))
+        monkeypatch.setattr(disk_flatfile.FlatFileDisk, "_apply", lambda self, records: (_ for _ in ()).throw(OSError("power cut")))
         with pytest.raises(OSError):
             s.update("t", torch.tensor([3, 999]), torch.ones(2, 8))
         monkeypatch.undo()

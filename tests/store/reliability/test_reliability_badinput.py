@@ -16,8 +16,9 @@ import torch
 
 import engram_store
 from engram_store import budget, format as fmt
+from engram_store.disk import blocks
 from engram_store.disk.lmdb_zstd import LmdbDisk
-from engram_store.disk.flatfile import MmapDisk
+from engram_store.disk.flatfile import FlatFileDisk
 from engram_store.errors import (
     BudgetError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError,
     StoreClosedError, StoreExistsError, StoreNotFoundError, StoreWriteError, UnknownTableError,
@@ -89,9 +90,9 @@ def test_batch_larger_than_dram_budget_is_served_in_chunks(tmp_path, monkeypatch
     """2M ids (32 MiB of rows) through a 1 KiB DRAM tier: exact, and no disk read holds more than
     READ_CHUNK_BYTES of blocks at once (observed, not mocked: the real read runs)."""
     T2 = torch.randn(100_000, 4)
-    for backend, cls in (("mmap", MmapDisk), ("lmdb", LmdbDisk)):
+    for backend, cls in (("mmap", FlatFileDisk), ("lmdb", LmdbDisk)):
         path = engram_store.write(tmp_path / backend, {"t": T2}, backend=backend)
-        monkeypatch.setattr(fmt, "READ_CHUNK_BYTES", 64 << 10)
+        monkeypatch.setattr(blocks, "READ_CHUNK_BYTES", 64 << 10)
         biggest = []
         real = cls._parallel
         monkeypatch.setattr(cls, "_parallel", lambda self, t, blocks, buf: biggest.append(buf.nbytes) or real(self, t, blocks, buf))

@@ -1,0 +1,75 @@
+"""``manifest.json``: its constants, canonical bytes, checksum (digest / seal) and validated read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engram_store.errors import StoreCorruptError, StoreNotFoundError
+from engram_store.format.rows import crc32
+
+FORMAT_NAME = "engram-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LMDB_DIR = "rows.lmdb"
+# Backend names as manifests record them. "mmap" names the flat-file backend (read with pread,
+# not a memory map): the name stays because stores on disk and callers' code use it.
+BACKENDS = ("mmap", "lmdb")
+
+# The manifest checksum: crc32 of the canonical bytes of the manifest *without* this key, so
+# a flipped byte that still parses (a dim, a dtype, a fingerprint, a remap checksum) is caught.
+MANIFEST_CHECKSUM = "manifest_crc32"
+_MANIFEST_KEYS = {"format", "format_version", "backend", "fingerprint", "tier_plan", "tables", "lmdb_dir",
+                  MANIFEST_CHECKSUM}
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    """Canonical bytes: UTF-8 JSON, keys sorted, 1-space indent, trailing newline."""
+    return (json.dumps(manifest, sort_keys=True, indent=1) + "\n").encode("utf-8")
+
+
+def manifest_digest(manifest: dict) -> int:
+    return crc32(manifest_bytes({k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM}))
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` with its ``manifest_crc32`` set (what writers store)."""
+    return {**manifest, MANIFEST_CHECKSUM: manifest_digest(manifest)}
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of the store directory ``path``, validated (format, version, backend, keys, checksum)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise StoreNotFoundError(
+            f"no store at {str(path)!r}: build one with engram_store.write(...) or `engram-store build`"
+        )
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise StoreNotFoundError(f"store {str(path)!r} has no {MANIFEST}: it is incomplete; rebuild it")
+    try:
+        manifest = json.loads(mpath.read_text("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreCorruptError(f"{mpath}: manifest is not valid JSON ({e}); rebuild the store") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise StoreCorruptError(f"{mpath}: not an engram-store manifest")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise StoreCorruptError(
+            f"{mpath}: format_version {version!r}, this engram-store reads {FORMAT_VERSION}; "
+            "upgrade engram-store or rebuild the store"
+        )
+    if manifest.get("backend") not in BACKENDS:
+        raise StoreCorruptError(f"{mpath}: unknown backend {manifest.get('backend')!r}")
+    if not isinstance(manifest.get("tables"), dict):
+        raise StoreCorruptError(f"{mpath}: no tables")
+    unknown = sorted(set(manifest) - _MANIFEST_KEYS)
+    if unknown:
+        raise StoreCorruptError(f"{mpath}: unknown manifest keys {unknown}: the manifest is corrupt; rebuild the store")
+    # Stores written before the checksum existed have none and are read unverified.
+    if MANIFEST_CHECKSUM in manifest and manifest[MANIFEST_CHECKSUM] != manifest_digest(manifest):
+        raise StoreCorruptError(
+            f"{mpath}: manifest checksum mismatch (stored {manifest[MANIFEST_CHECKSUM]!r}, computed "
+            f"{manifest_digest(manifest)}): the manifest was modified or is corrupt; rebuild the store"
+        )
+    return manifest

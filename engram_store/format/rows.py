@@ -1,0 +1,127 @@
+"""Row formats: the dtypes a table may hold, a table's shape (:class:`TableInfo`), block sizes, crc32.
+
+A table holds float32 / float16 / bfloat16 values, or opaque uint8 rows. A uint8 table may name a
+*row format* that says how its bytes decode (``ROW_FORMATS``): ``fp8_e4m3_ue8m0`` is DeepSeek-V4.1's
+264-byte row (``fp8_rows``), stored as the checkpoint's own bytes and decoded on the store's
+device after the gather.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from engram_store.errors import EngramStoreError, InvalidValuesError, StoreCorruptError
+
+# One checksum block is one 4 KiB page of rows for mmap (a cold read costs a page fault
+# anyway, so verifying the whole block is free). LMDB blocks are 4 KiB of raw rows too:
+# measured (bench/bench_tiers.py --drop-caches), 16 KiB blocks span four overflow pages,
+# each a separate cold page fault, and the cold path fell to 0.25x of mmap's (4 KiB: 0.54x);
+# float rows compress only ~1.07-1.3x, which LMDB's page rounding mostly eats either way.
+MMAP_BLOCK_BYTES = 4096
+LMDB_BLOCK_BYTES = 4096
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+# row format -> ((dtype, dim) its rows are stored as, (dtype, dim) they decode to)
+ROW_FORMATS: dict[str, tuple[tuple[torch.dtype, int], tuple[torch.dtype, int]]] = {
+    "fp8_e4m3_ue8m0": ((torch.uint8, 264), (torch.bfloat16, 256)),
+}
+
+
+def check_row_format(row_format: str | None, dtype: torch.dtype, dim: int, what: str) -> None:
+    """InvalidValuesError unless ``row_format`` is None or a known format whose rows are ``dim`` ``dtype``s."""
+    if row_format is None:
+        return
+    if row_format not in ROW_FORMATS:
+        raise InvalidValuesError(f"{what}: unknown row format {row_format!r}; use one of {sorted(ROW_FORMATS)}")
+    want = ROW_FORMATS[row_format][0]
+    if (dtype, dim) != want:
+        raise InvalidValuesError(f"{what}: row format {row_format!r} rows are {want[1]} {DTYPE_NAMES[want[0]]} "
+                                 f"values, got {dim} {DTYPE_NAMES.get(dtype, dtype)}")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """Shape of one table: ``rows`` x ``dim`` values of ``dtype`` (a torch dtype), and the row format
+    that decodes them (None: the values are the rows)."""
+
+    rows: int
+    dim: int
+    dtype: torch.dtype
+    row_format: str | None = None
+    # Derived once: row_bytes sits on hot paths, and the element size needs a tensor to ask.
+    row_bytes: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "row_bytes", self.dim * torch.empty(0, dtype=self.dtype).element_size())
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.row_bytes
+
+    @property
+    def values(self) -> tuple[torch.dtype, int]:
+        """(dtype, dim) of what a read returns by default: the decoded values for a row format."""
+        return (self.dtype, self.dim) if self.row_format is None else ROW_FORMATS[self.row_format][1]
+
+
+def dtype_from_any(dtype: Any) -> torch.dtype:
+    """``torch.float16`` / ``"float16"`` / ``np.float16`` -> torch dtype, or InvalidValuesError."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPE_NAMES:
+            return dtype
+    elif isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+        if name in DTYPES:
+            return DTYPES[name]
+    raise InvalidValuesError(f"unsupported dtype {dtype!r}: use one of {sorted(DTYPES)}")
+
+
+def check_table_name(name: str) -> str:
+    if not isinstance(name, str) or not _TABLE_NAME.match(name):
+        raise EngramStoreError(
+            f"invalid table name {name!r}: use letters, digits, '_', '.', '-' (e.g. 'layer1')"
+        )
+    return name
+
+
+def table_info(name: str, entry: dict) -> TableInfo:
+    """The :class:`TableInfo` of manifest entry ``entry``, or StoreCorruptError if it is malformed."""
+    try:
+        info = TableInfo(int(entry["rows"]), int(entry["dim"]), DTYPES[entry["dtype"]], entry.get("row_format"))
+        check_row_format(info.row_format, info.dtype, info.dim, f"table {name!r}")
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreCorruptError(f"manifest entry of table {name!r} is malformed ({e!r}); rebuild the store") from e
+    if info.rows < 0 or info.dim < 1 or int(entry.get("row_bytes", -1)) != info.row_bytes:
+        raise StoreCorruptError(f"manifest entry of table {name!r} is inconsistent; rebuild the store")
+    return info
+
+
+def block_rows_for(row_bytes: int, backend: str, block_bytes: int | None = None) -> int:
+    if block_bytes is None:
+        block_bytes = MMAP_BLOCK_BYTES if backend == "mmap" else LMDB_BLOCK_BYTES
+    return max(1, int(block_bytes) // int(row_bytes))
+
+
+def crc32(buf) -> int:
+    return zlib.crc32(buf) & 0xFFFFFFFF
