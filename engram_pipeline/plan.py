@@ -10,7 +10,7 @@ warm with exactly these rows; on held-out text it behaves close to this static e
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -150,7 +150,3 @@ def plot_plan(counts: Counts, plan: dict[str, TablePlan], path, dtype: str = "fl
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
-
-def plan_to_manifest(plan: dict[str, TablePlan]) -> dict:
-    """The tier plan as stored in a store's manifest."""
-    return {n: asdict(p) for n, p in plan.items()}

@@ -33,7 +33,7 @@ from engram_store.budget import check_budget, plan_rows
 from engram_store.disk import open_disk
 from engram_store.errors import (
     EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
-    StoreCorruptError, UnknownTableError,
+    UnknownTableError,
 )
 from engram_store.format import DTYPE_NAMES, TableInfo, load_remap, read_manifest, table_info
 from engram_store.ids import as_ids
@@ -128,17 +128,8 @@ class TieredStore:
 
     def _warm(self, dram: DramTier, name: str, start: int, stop: int) -> None:
         """Fill the DRAM tier with ranks [start, stop); a corrupt block is left out (reads of it fail later)."""
-        try:
-            dram.warm(start, self._disk.read_range(name, start, stop))
-        except StoreCorruptError:
-            br = int(self.manifest["tables"][name]["block_rows"])
-            for s in range(start, stop, br):
-                e = min(stop, (s // br + 1) * br)
-                try:
-                    rows = self._disk.read_range(name, s, e)
-                except StoreCorruptError:
-                    continue
-                dram.warm(s, rows)
+        for s, rows in self._disk.read_range_valid(name, start, stop):
+            dram.warm(s, rows)
 
     # -- helpers -------------------------------------------------------------------------
     def _table(self, name: str) -> ResidentTable:
