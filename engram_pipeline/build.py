@@ -50,18 +50,31 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise StoreExistsError(f"{out} exists: pass --overwrite (overwrite=True) to replace it")
 
 
-def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike, out, *, hbm_bytes: int, dram_bytes: int,
+def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike | None, out, *, hbm_bytes: int, dram_bytes: int,
                           backend: str = "mmap", dtype: str | None = None, overwrite: bool = False,
                           shards: int = 1) -> dict:
     """Rows of the checkpoint's Engram tables in frequency-rank order, with remap arrays and tier plan.
 
     ``dtype`` casts the rows (default: the checkpoint's). ``shards > 1`` writes one store per
-    rank (see :mod:`engram_store.sharded`). Returns a report (tables, bytes, seconds, MB/s).
+    rank (see :mod:`engram_store.sharded`). A Hugging Face V4.1-style checkpoint directory goes to
+    :func:`build_from_hf` (``counts`` optional there). Returns a report (tables, bytes, seconds, MB/s).
     """
     from engram_model.checkpoint import load_checkpoint
+    from engram_pipeline.hf_checkpoint import is_hf_checkpoint
 
     out = Path(out)
     _check_out(out, overwrite)
+    if is_hf_checkpoint(checkpoint):
+        if dtype is not None:
+            raise EngramStoreError("--dtype does not apply to a Hugging Face checkpoint: its rows are stored as "
+                                   "the checkpoint's own fp8 bytes; drop --dtype")
+        if shards > 1:
+            raise EngramStoreError("sharded builds of a Hugging Face checkpoint are not supported yet: build one "
+                                   "store (drop --shards)")
+        return build_from_hf(checkpoint, counts, out, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes, backend=backend,
+                             overwrite=overwrite)
+    if counts is None:
+        raise EngramStoreError("building from our own checkpoint needs --counts (engram-store count)")
     ckpt = load_checkpoint(checkpoint)
     counts = counts if isinstance(counts, Counts) else Counts.load(counts)
     counts.check_fingerprint(ckpt.fingerprint)
@@ -90,6 +103,32 @@ def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike, out, *
     return {"store": str(out), "backend": backend, "shards": shards, "tables": {n: list(t.shape) for n, t in tables.items()},
             "dtype": dtype_name, "bytes": nbytes, "seconds": seconds, "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9),
             "plan": {n: vars(p) for n, p in plan.items()}}
+
+
+def build_from_hf(checkpoint, counts: Counts | str | os.PathLike | None, out, *, hbm_bytes: int = 0,
+                  dram_bytes: int = 0, backend: str = "mmap", overwrite: bool = False, progress: bool = True) -> dict:
+    """The Engram tables of a V4.1-style checkpoint as packed fp8 rows (``import_hf``), in frequency-rank
+    order with a tier plan when ``counts`` are given, in checkpoint order otherwise."""
+    from engram_pipeline.counts import FP8_ROWS
+    from engram_pipeline.hf_checkpoint import open_hf_checkpoint
+    from engram_pipeline.import_hf import import_hf_checkpoint
+
+    if counts is not None and not isinstance(counts, Counts):
+        counts = Counts.load(counts)
+    with open_hf_checkpoint(checkpoint) as ck:
+        rows = {n: t.rows for n, t in ck.tables.items()}
+    plan = tier_plan = None
+    if counts is not None:
+        plan = make_plan(counts, hbm_bytes, dram_bytes, FP8_ROWS, {n: 256 for n in rows})
+        tier_plan = tier_plan_manifest(plan, hbm_bytes, dram_bytes)
+    start = time.perf_counter()
+    import_hf_checkpoint(checkpoint, out, counts=counts, backend=backend, overwrite=overwrite, tier_plan=tier_plan,
+                         progress=progress)
+    seconds = time.perf_counter() - start
+    nbytes = sum(rows.values()) * 264
+    return {"store": str(out), "backend": backend, "shards": 1, "tables": {n: [r, 264] for n, r in rows.items()},
+            "dtype": FP8_ROWS, "bytes": nbytes, "seconds": seconds, "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9),
+            "rank_order": counts is not None, "plan": {n: vars(p) for n, p in (plan or {}).items()}}
 
 
 # -- synthetic tables --------------------------------------------------------------------
@@ -190,7 +229,8 @@ def convert_backend(src, dst, backend: str, *, overwrite: bool = False, progress
                          tier_plan=store.manifest.get("tier_plan"), overwrite=overwrite) as w, \
                 tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
             for name, info in store.tables.items():
-                w.add_table(name, info.rows, info.dim, info.dtype, order=np.argsort(store.remap(name), kind="stable"))
+                w.add_table(name, info.rows, info.dim, info.dtype, order=np.argsort(store.remap(name), kind="stable"),
+                            row_format=info.row_format)
                 for s, e, rows in _rank_chunks(store, name):
                     w.write_rows(name, rows)
                     bar.update((e - s) * info.row_bytes)

@@ -54,7 +54,8 @@ class TableView:
     def __init__(self, store: "TieredStore", name: str) -> None:
         self.store, self.name = store, name
         info = store.tables[name]
-        self.rows, self.dim, self.dtype = info.rows, info.dim, info.dtype
+        self.rows = info.rows
+        self.dtype, self.dim = info.values  # what prefetch returns (decoded values for a row format)
 
     def prefetch(self, row_ids) -> Handle:
         return self.store.prefetch(self.name, row_ids)
@@ -155,8 +156,14 @@ class TieredStore:
             self._release(p)
 
     # -- the API -------------------------------------------------------------------------
-    def prefetch(self, table: str, row_ids) -> Handle:
-        """Start fetching ``row_ids`` (any shape) of ``table``; returns at once. Thread-safe."""
+    def prefetch(self, table: str, row_ids, *, dequantize: bool = True) -> Handle:
+        """Start fetching ``row_ids`` (any shape) of ``table``; returns at once. Thread-safe.
+
+        ``wait()`` gives ``Tensor[*row_ids.shape, dim]`` of the table's dtype. For a table with a row
+        format (V4.1's packed fp8 rows) it gives the decoded values (bfloat16 ``[..., 256]``), computed
+        on the store's device after the gather, or with ``dequantize=False`` the packed rows
+        (uint8 ``[..., 264]``) for a caller that decodes them itself.
+        """
         t = self._table(table)
         ids = as_ids(row_ids, t.info.rows, t.name)
         shape = ids.shape
@@ -164,7 +171,7 @@ class TieredStore:
             if self._closed:
                 raise StoreClosedError(f"store {str(self.path)!r} is closed")
             self._drain_releases()
-            p = make_plan(t, ids.reshape(-1), shape, self._loads, self.device.type == "cuda")
+            p = make_plan(t, ids.reshape(-1), shape, self._loads, self.device.type == "cuda", bool(dequantize))
             if p.miss_ranks.size == 0 and not p.deps:
                 try:
                     fut = done_future(self._assemble(p, None))
@@ -177,9 +184,9 @@ class TieredStore:
                 fut.add_done_callback(t.inflight.discard)
         return Handle(fut, lambda: self._release_now(p), lambda: self._releases.append(p), t.stats)
 
-    def lookup(self, table: str, row_ids) -> torch.Tensor:
-        """``prefetch(table, row_ids).wait()``. Thread-safe."""
-        return self.prefetch(table, row_ids).wait()
+    def lookup(self, table: str, row_ids, *, dequantize: bool = True) -> torch.Tensor:
+        """``prefetch(table, row_ids, dequantize=...).wait()``. Thread-safe."""
+        return self.prefetch(table, row_ids, dequantize=dequantize).wait()
 
     def _job(self, p):
         return load.run(p, self._disk, self._loads, self._assemble)

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("-o", "--output", required=True, help="store directory to write")
-    p.add_argument("--checkpoint", help="trained checkpoint directory")
-    p.add_argument("--counts", help="counts file from `engram-store count` (same checkpoint)")
+    p.add_argument("--checkpoint", help="checkpoint directory: ours, or a Hugging Face DeepSeek-V4.1-style one")
+    p.add_argument("--counts", help="counts file from `engram-store count` (same checkpoint); optional for a "
+                                    "Hugging Face checkpoint (rows then keep checkpoint order)")
     p.add_argument("--hbm", default="0", help="HBM budget the tier plan is made for, e.g. 64MiB")
     p.add_argument("--dram", default="0", help="DRAM budget the tier plan is made for, e.g. 1GiB")
     p.add_argument("--backend", default="mmap", choices=["mmap", "lmdb"], help="disk tier backend")
@@ -43,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
                                  backend=args.backend, tables=args.tables, seed=args.seed,
                                  overwrite=args.overwrite, progress=not args.no_progress)
     else:
-        if not args.checkpoint or not args.counts:
-            raise EngramStoreError("build needs --checkpoint and --counts (or --synthetic-rows N)")
+        if not args.checkpoint:
+            raise EngramStoreError("build needs --checkpoint (and --counts), or --synthetic-rows N")
         report = build_from_checkpoint(args.checkpoint, args.counts, args.output, hbm_bytes=parse_size(args.hbm),
                                        dram_bytes=parse_size(args.dram), backend=args.backend, dtype=args.dtype,
                                        overwrite=args.overwrite, shards=args.shards)

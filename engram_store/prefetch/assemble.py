@@ -3,7 +3,8 @@
 Host rows (DRAM slab, disk misses, and HBM rows when the "HBM" tier is host memory) are gathered
 into the plan's host buffer; on CUDA that buffer is pinned and copied up on the store's side
 stream, and HBM rows are gathered on the device there. The event recorded on the side stream
-is what ``Handle.wait`` makes the caller's stream wait for.
+is what ``Handle.wait`` makes the caller's stream wait for. Rows of a table with a row format are
+decoded there too (``plan.decode``), on the device, after the gather: the table is never decoded whole.
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engram_store.format import fp8_rows
 from engram_store.resident.dram import rows_view
 from engram_store.resident.table import DISK, DRAM, HBM
+
+# row format -> its decoder (packed rows [..., row_bytes] -> values [..., values])
+DECODERS = {fp8_rows.FORMAT_NAME: fp8_rows.dequantize}
 
 
 def assemble(plan, miss_rows: np.ndarray | None, device: torch.device, side_stream) -> tuple[torch.Tensor, object]:
@@ -51,7 +56,16 @@ def assemble(plan, miss_rows: np.ndarray | None, device: torch.device, side_stre
                 else:
                     out.index_copy_(0, torch.from_numpy(pos).to(device, non_blocking=True),
                                     t.hbm.data.index_select(0, idx))
+            result = _shaped(plan, out)
             event = torch.cuda.Event()
             event.record(side_stream)
-    result = out.view(t.info.dtype).reshape(*plan.shape, t.info.dim)
-    return result, event
+        return result, event
+    return _shaped(plan, out), event
+
+
+def _shaped(plan, out: torch.Tensor) -> torch.Tensor:
+    info = plan.t.info
+    rows = out.view(info.dtype).reshape(*plan.shape, info.dim)
+    if plan.decode and info.row_format is not None:
+        rows = DECODERS[info.row_format](rows)
+    return rows

@@ -25,12 +25,13 @@ _EMPTY = np.empty(0, np.int64)
 class HitPlan:
     """Every row was resident; host rows are already in ``out``."""
 
-    __slots__ = ("t", "shape", "n", "out", "parts", "host_done", "hold")
+    __slots__ = ("t", "shape", "n", "out", "decode", "parts", "host_done", "hold")
     miss_ranks = _EMPTY
     deps: tuple = ()
 
-    def __init__(self, t: ResidentTable, shape, out: torch.Tensor, parts: list, host_done: bool, hold: int) -> None:
-        self.t, self.shape, self.n, self.out = t, shape, out.shape[0], out
+    def __init__(self, t: ResidentTable, shape, out: torch.Tensor, decode: bool, parts: list, host_done: bool,
+                 hold: int) -> None:
+        self.t, self.shape, self.n, self.out, self.decode = t, shape, out.shape[0], out, decode
         self.parts, self.host_done, self.hold = parts, host_done, hold
 
     def release(self, loads: Loads) -> None:
@@ -41,14 +42,14 @@ class HitPlan:
 class MissPlan:
     """Some rows must come from disk (``miss_ranks``), or from slots an earlier load is still filling (``deps``)."""
 
-    __slots__ = ("t", "shape", "n", "out", "inverse", "cls_u", "src_u", "cls_p", "present", "miss_ranks",
+    __slots__ = ("t", "shape", "n", "out", "decode", "inverse", "cls_u", "src_u", "cls_p", "present", "miss_ranks",
                  "fill_slots", "fill_idx", "deps", "load_id", "load", "hold", "failed")
     host_done = False
 
-    def __init__(self, t: ResidentTable, shape, out: torch.Tensor, inverse: np.ndarray, cls_u: np.ndarray,
+    def __init__(self, t: ResidentTable, shape, out: torch.Tensor, decode: bool, inverse: np.ndarray, cls_u: np.ndarray,
                  src_u: np.ndarray, cls_p: np.ndarray, present: list[int], miss_ranks: np.ndarray, fill_slots: np.ndarray,
                  fill_idx: np.ndarray, deps: list[Load], load_id: int, load: Load | None, hold: int) -> None:
-        self.t, self.shape, self.n, self.out = t, shape, out.shape[0], out
+        self.t, self.shape, self.n, self.out, self.decode = t, shape, out.shape[0], out, decode
         self.inverse, self.cls_u, self.src_u, self.cls_p, self.present = inverse, cls_u, src_u, cls_p, present
         self.miss_ranks, self.fill_slots, self.fill_idx = miss_ranks, fill_slots, fill_idx
         self.deps, self.load_id, self.load, self.hold = deps, load_id, load, hold
@@ -74,17 +75,20 @@ class MissPlan:
             loads.pop(self.load_id)
 
 
-def make_plan(t: ResidentTable, ids: np.ndarray, shape, loads: Loads, pinned: bool) -> HitPlan | MissPlan:
-    """Plan the prefetch of flat ``ids`` (store lock held); records the per-tier stats."""
+def make_plan(t: ResidentTable, ids: np.ndarray, shape, loads: Loads, pinned: bool,
+              decode: bool) -> HitPlan | MissPlan:
+    """Plan the prefetch of flat ``ids`` (store lock held); records the per-tier stats. ``decode``: the
+    rows are to be decoded by the table's row format after the gather."""
     n = ids.size
     # the host buffer of the rows, also where the hit path copies them (pinned: the upload to a
     # GPU is then asynchronous)
     out = torch.empty((n, t.row_bytes), dtype=torch.uint8, pin_memory=pinned)
-    plan = _hit_plan(t, ids, shape, out, loads)
-    return plan if plan is not None else _miss_plan(t, ids, shape, out, loads)
+    plan = _hit_plan(t, ids, shape, out, decode, loads)
+    return plan if plan is not None else _miss_plan(t, ids, shape, out, decode, loads)
 
 
-def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, loads: Loads) -> HitPlan | None:
+def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool,
+              loads: Loads) -> HitPlan | None:
     served = t.serve_hits(ids, out.numpy().view(t.word).reshape(-1), bool(loads))
     if served is None:
         return None
@@ -94,7 +98,7 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, loads
     host_done = on_host or n_hpos < n  # some row is in out
     if n_hpos == n:
         t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
-        return HitPlan(t, shape, out, [] if on_host else [(HBM, None, -2 - src)], host_done, 0)
+        return HitPlan(t, shape, out, decode, [] if on_host else [(HBM, None, -2 - src)], host_done, 0)
     hold = t.hold(src)  # entries < 0 (HBM rows) are ignored
     if on_host:
         parts = []
@@ -106,10 +110,10 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, loads
     else:
         t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n_hpos,
                     dram_bytes=n_d * rb, dram_accesses=n - n_hpos)
-    return HitPlan(t, shape, out, parts, host_done, hold)
+    return HitPlan(t, shape, out, decode, parts, host_done, hold)
 
 
-def _miss_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, loads: Loads) -> MissPlan:
+def _miss_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool, loads: Loads) -> MissPlan:
     uniq, inverse = t.dedupe(ids)
     ranks = t.remap[uniq].astype(np.int64)
     U = uniq.size
@@ -154,5 +158,5 @@ def _miss_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, load
     present = [c for c in (HBM, DRAM, DISK) if acc[c]]
     t.stats.add(prefetches=1, hbm_hits=n_hbm, hbm_bytes=n_hbm * rb, dram_bytes=n_dram * rb,
                 hbm_accesses=acc[HBM], dram_accesses=acc[DRAM], disk_accesses=acc[DISK])
-    return MissPlan(t, shape, out, inverse, cls_u, src_u, cls_p, present, miss_ranks, fill_slots, fill_idx, deps,
+    return MissPlan(t, shape, out, decode, inverse, cls_u, src_u, cls_p, present, miss_ranks, fill_slots, fill_idx, deps,
                     load_id, load, hold)

@@ -1,59 +1,18 @@
 """V4.1's packed e4m3 + UE8M0 rows against a plain-Python decoding written from the format's definition."""
 
 import math
-import struct
 
 import pytest
 import torch
 
 from engram_store.errors import EngramStoreError, InvalidValuesError
 from engram_store.format import fp8_rows
+from fp8_reference import CANONICAL_NAN, ref_dequantize_row
 
 EDGE_SCALES = (0, 1, 2, 100, 126, 127, 128, 200, 253, 254, 255)
-CANONICAL_NAN = 0x7FC0
 
 
-# ---- the reference: bit fields, math.ldexp, bfloat16 round-to-nearest-even by hand -------------
-def ref_e4m3(code):
-    """OCP FP8 E4M3: sign, 4 exponent bits (bias 7), 3 mantissa bits, S.1111.111 = NaN, no inf."""
-    sign = -1.0 if code & 0x80 else 1.0
-    exp, man = (code >> 3) & 0xF, code & 0x7
-    if exp == 0xF and man == 0x7:
-        return math.nan
-    if exp == 0:
-        return sign * math.ldexp(man, -9)  # (man / 8) * 2^(1 - 7)
-    return sign * math.ldexp(8 + man, exp - 7 - 3)  # (1 + man / 8) * 2^(exp - 7)
-
-
-def ref_scale(byte):
-    """OCP MX E8M0: 2^(byte - 127); 0 -> 2^-127, 255 -> NaN."""
-    return math.nan if byte == 255 else math.ldexp(1.0, byte - 127)
-
-
-def f32_bits(x):
-    """float32 bits of a float64 that float32 holds exactly (or is beyond its range: +-inf)."""
-    if math.isnan(x):
-        return 0x7FC00000
-    if abs(x) >= 2.0**128:
-        return 0xFF800000 if x < 0 else 0x7F800000
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]
-    assert struct.unpack("<f", struct.pack("<I", bits))[0] == x, "product must be exact in float32"
-    return bits
-
-
-def ref_bf16_bits(x):
-    """bfloat16 bits (as signed int16) of x: float32 bits, round the low 16 to nearest, ties to even."""
-    if math.isnan(x):
-        b = CANONICAL_NAN
-    else:
-        u = f32_bits(x)
-        b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return b - 0x10000 if b >= 0x8000 else b
-
-
-def ref_dequantize_row(row_bytes):
-    vals, scales = row_bytes[:256], row_bytes[256:]
-    return [ref_bf16_bits(ref_e4m3(vals[i]) * ref_scale(scales[i // 32])) for i in range(256)]
+# the reference (bit fields, math.ldexp, bfloat16 round-to-nearest-even by hand): tests/fp8_reference.py
 
 
 def rows_every_code_every_edge_scale():
