@@ -34,17 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engram_store.errors import EngramStoreError, InvalidRowIdsError
+from engram_store.errors import CollectiveOrderError, EngramStoreError, InvalidRowIdsError
 from engram_store.prefetch.handle import Ready
-from engram_store.sharded import (
-    DEFAULT_TIMEOUT_S,
-    CollectiveOrderError,
-    Exchange,
-    Route,
-    peer_failure,
-    shard_rows,
-    table_tag,
-)
+from engram_store.sharded.exchange import DEFAULT_TIMEOUT_S, Exchange, Route, peer_failure, table_tag
+from engram_store.sharded.layout import shard_rows
 
 
 class _ShardedGather(torch.autograd.Function):

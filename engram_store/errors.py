@@ -62,3 +62,15 @@ class CheckpointError(EngramStoreError):
 
 class CountOverflowError(EngramStoreError, OverflowError):
     """A row access count would pass what a counts file holds per row (2**32 - 1)."""
+
+
+class ShardLayoutError(EngramStoreError):
+    """Shards built for another rank count or owner function, or ranks that opened different builds."""
+
+
+class PeerFailureError(EngramStoreError, RuntimeError):
+    """A collective failed: a peer rank died, hung past the timeout, or the group broke."""
+
+
+class CollectiveOrderError(PeerFailureError):
+    """Ranks issued collectives for different tables (or a different number of them)."""
