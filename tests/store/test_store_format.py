@@ -92,3 +92,34 @@ def test_block_checksums_cover_4kib_pages(tmp_path):
     raw = (p / "t.rows").read_bytes()
     crcs = struct.unpack("<3I", (p / "t.crc32").read_bytes())
     assert crcs == tuple(zlib.crc32(raw[i: i + 4096]) for i in (0, 4096, 8192))
+
+
+def test_lmdb_block_values_follow_the_format(tmp_path):
+    """Each LMDB value: crc32 (uint32 LE) of the raw block, then a zstd frame of the block bytes
+    byte-shuffled (first bytes of every element, then second bytes, ...), shuffle written here as a
+    plain loop; decode_block is the exact inverse and refuses a flipped crc."""
+    import lmdb
+    import pytest
+    import zstandard
+
+    from engram_store.disk.lmdb_zstd import block_key, decode_block
+    from engram_store.errors import StoreCorruptError
+
+    T = torch.arange(700 * 3, dtype=torch.float16).reshape(700, 3)  # 6-byte rows: 682 per block, 2 blocks
+    path = engram_store.write(tmp_path / "s", {"t": T}, backend="lmdb", shuffle=True)
+    raw = T.numpy().tobytes()
+    env = lmdb.open(str(path / "rows.lmdb"), readonly=True, lock=False)
+    dctx = zstandard.ZstdDecompressor()
+    with env.begin() as txn:
+        for b, (lo, hi) in enumerate([(0, 682 * 6), (682 * 6, 700 * 6)]):
+            block = raw[lo:hi]
+            value = txn.get(block_key("t", b))
+            assert value[:4] == struct.pack("<I", zlib.crc32(block))
+            shuffled = bytes(block[i * 2 + k] for k in range(2) for i in range(len(block) // 2))
+            assert dctx.decompress(value[4:], max_output_size=len(block)) == shuffled
+            assert decode_block(value, len(block), 2, True, dctx, "t", b).tobytes() == block
+            bad = bytes([value[0] ^ 1]) + value[1:]
+            with pytest.raises(StoreCorruptError, match="'t' block 1" if b else "'t' block 0"):
+                decode_block(bad, len(block), 2, True, dctx, "t", b)
+        assert txn.get(block_key("t", 2)) is None
+    env.close()
