@@ -1,12 +1,15 @@
 """The flat-file disk backend (manifest name ``"mmap"``): one little-endian row file per table, read
 with parallel ``pread``; :class:`FlatFileDisk` reads and updates it, :class:`FlatFileWriter` writes it.
 
-Rows sit in rank order at ``rank * row_bytes``; a checksum file holds one crc32 per block of
-``block_rows`` rows (one 4 KiB page by default). A cold read fetches the whole block of every
-row it needs (it costs the same page fault), verifies its crc32 and cuts the rows out; the
-blocks are spread over the store's I/O thread pool (one thread is ~4x slower than eight on a
-cold disk). Despite the backend's name no memory map is used on the read path: ``os.preadv`` into a
-NumPy buffer is as fast, and a truncated file is an error instead of a SIGBUS.
+Rows sit in rank order in blocks of ``block_rows`` rows (one 4 KiB page of rows by default),
+block b at ``b * block_stride``: the block rounded up to whole pages, so no block straddles a
+page (see ``format.rows.block_stride``); a checksum file holds one crc32 per block. A cold read
+fetches the whole block of every row it needs (it costs the same page read), verifies its crc32
+and cuts the rows out. The blocks are spread over the store's I/O thread pool, and each thread
+reads its sorted blocks as merged, hinted runs (``disk.runs``): every read of the batch is
+queued in the kernel at once, and dense batches cost a few large reads. Despite the backend's
+name no memory map is used on the read path: ``os.preadv`` into a NumPy buffer is as fast, and a
+truncated file is an error instead of a SIGBUS.
 
 Updates are atomic through a redo journal: the new blocks and checksums are written to
 ``journal`` and fsynced, then applied in place and fsynced, then the journal is removed. A
@@ -36,8 +39,10 @@ from pathlib import Path
 import numpy as np
 
 from engram_store.disk.blocks import BlockDisk, BlockTable
+from engram_store.disk.runs import read_runs
 from engram_store.errors import StoreCorruptError, StoreNotFoundError
 from engram_store.format import TableInfo, crc32, fsync_path
+from engram_store.format.rows import block_stride
 
 JOURNAL = "journal"
 _JOURNAL_MAGIC = b"ESJ1"
@@ -61,16 +66,24 @@ class _Table(BlockTable):
         self.rb = info.row_bytes
         self.br = int(entry["block_rows"])
         self.n_blocks = -(-info.rows // self.br) if info.rows else 0
+        # block b at b * stride; stores written before page alignment record no stride: packed
+        self.stride = int(entry.get("block_stride", self.br * self.rb))
+        if self.stride < self.br * self.rb:
+            raise StoreCorruptError(
+                f"table {name!r}: block_stride {self.stride} is smaller than a block ({self.br} rows x "
+                f"{self.rb} bytes); the manifest is corrupt: rebuild the store"
+            )
         self.path = root / entry.get("rows_file", f"{name}.rows")
         self.crc_path = root / entry.get("crc_file", f"{name}.crc32")
         for p in (self.path, self.crc_path):
             if not p.is_file():
                 raise StoreNotFoundError(f"store {str(root)!r} is missing {p.name}: rebuild the store")
         size = self.path.stat().st_size
-        if size != info.nbytes:
+        expected = (self.n_blocks - 1) * self.stride + self.block_len(self.n_blocks - 1) if self.n_blocks else 0
+        if size != expected:
             raise StoreCorruptError(
-                f"{self.path}: {size} bytes, expected {info.nbytes} ({info.rows} rows x {self.rb} bytes): "
-                "the row file is truncated or foreign; rebuild the store"
+                f"{self.path}: {size} bytes, expected {expected} ({info.rows} rows x {self.rb} bytes in blocks of "
+                f"{self.br} rows every {self.stride} bytes): the row file is truncated or foreign; rebuild the store"
             )
         crc = np.fromfile(self.crc_path, dtype="<u4")
         if crc.size != self.n_blocks:
@@ -96,18 +109,17 @@ class FlatFileDisk(BlockDisk):
 
     # -- reads ---------------------------------------------------------------------------
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
-        fd, bb = t.fd, t.br * t.rb
+        """Blocks ``blocks[lo:hi]`` (sorted, unique) into rows ``lo:hi`` of ``buf``, verified."""
+        for b, got, want in read_runs(t.fd, blocks, buf, lo, hi, t.stride, t.block_len):
+            raise StoreCorruptError(
+                f"table {t.name!r} block {b}: short read ({got} of {want} bytes); the row file "
+                "was truncated after open; rebuild the store"
+            )
         moved = 0
         for i in range(lo, hi):
             b = int(blocks[i])
             n = t.block_len(b)
             view = memoryview(buf[i])[:n]
-            got = os.preadv(fd, [view], b * bb)
-            if got != n:
-                raise StoreCorruptError(
-                    f"table {t.name!r} block {b}: short read ({got} of {n} bytes); the row file "
-                    "was truncated after open; rebuild the store"
-                )
             if self.verify and crc32(view) != int(t.crc[b]) and not self._reread(t, b, view):
                 raise StoreCorruptError(
                     f"table {t.name!r} block {b}: checksum mismatch in {t.path.name}; the store is "
@@ -119,14 +131,13 @@ class FlatFileDisk(BlockDisk):
     def _reread(self, t: _Table, b: int, view: memoryview) -> bool:
         """After a checksum mismatch: another process may have updated the block. Re-read its
         checksum and the block with no update running; True (and ``view`` refilled) if they match."""
-        bb = t.br * t.rb
         with _dir_lock(self.root, fcntl.LOCK_SH):
             with open(t.crc_path, "rb") as f:
                 raw = os.pread(f.fileno(), 4, 4 * b)
             if len(raw) != 4:
                 return False
             c = int.from_bytes(raw, "little")
-            if os.preadv(t.fd, [view], b * bb) != len(view) or crc32(view) != c:
+            if os.preadv(t.fd, [view], b * t.stride) != len(view) or crc32(view) != c:
                 return False
         t.crc[b] = c
         return True
@@ -174,7 +185,7 @@ class FlatFileDisk(BlockDisk):
     def _apply(self, records) -> None:
         touched = set()
         for t, b, data, c in records:
-            os.pwrite(t.fd, data, b * t.br * t.rb)
+            os.pwrite(t.fd, data, b * t.stride)
             t.crc[b] = c
             touched.add(t)
         for t in touched:
@@ -239,22 +250,33 @@ class FlatFileWriter:
         self.root = Path(root)
         self._files: dict[str, object] = {}
         self._crcs: dict[str, list[int]] = {}
+        self._stride: dict[str, int] = {}
+        self._pad: dict[str, int] = {}  # zero bytes owed before the table's next block
 
     def add_table(self, name: str, info: TableInfo, block_rows: int) -> None:
         self._files[name] = open(self.root / f"{name}.rows", "wb")
         self._crcs[name] = []
+        self._stride[name] = block_stride(block_rows, info.row_bytes)
+        self._pad[name] = 0
 
     def write_blocks(self, name: str, blocks: list[memoryview]) -> None:
-        f = self._files[name]
+        # the pad goes in front of the next block, so the file ends with the last block's rows
+        f, stride, pad = self._files[name], self._stride[name], self._pad[name]
         for b in blocks:
+            if pad:
+                f.write(bytes(pad))
             f.write(b)
+            pad = stride - len(b)
+        self._pad[name] = pad
         self._crcs[name].extend(crc32(b) for b in blocks)
 
     def finish_table(self, name: str) -> dict:
         """Close the table's files; returns its manifest entry's backend fields."""
         self._files.pop(name).close()
         (self.root / f"{name}.crc32").write_bytes(np.asarray(self._crcs.pop(name), dtype="<u4").tobytes())
-        return {"rows_file": f"{name}.rows", "crc_file": f"{name}.crc32", "checksum": "crc32"}
+        self._pad.pop(name)
+        return {"rows_file": f"{name}.rows", "crc_file": f"{name}.crc32", "checksum": "crc32",
+                "block_stride": self._stride.pop(name)}
 
     def finish(self) -> dict:
         """After every table: the manifest's backend fields."""

@@ -52,8 +52,8 @@ def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, st
     """Blocks ``blocks[lo:hi]`` (sorted, unique) of the file ``fd`` into rows ``lo:hi`` of ``buf``.
 
     ``block_len(b)`` is the byte count of block ``b`` (its rows; the last block may be short).
-    Returns ``[(b, got, want)]`` for each run that came back short (empty when all is well), so
-    the caller names the error; the bytes of the runs before a short one are in place.
+    Returns ``[]``, or ``[(b, got, want)]`` for the first block ``b`` a read did not fill (``got``
+    of its ``want`` bytes: the file was truncated) so that the caller names the error.
     """
     seg = blocks[lo:hi]
     if seg.size == 0:
@@ -84,7 +84,11 @@ def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, st
             prev = b
         iov.append(memoryview(buf[lo + span0: lo + e]).cast("B")[: (e - span0 - 1) * buf.shape[1] + block_len(prev)])
         got = os.preadv(fd, iov, int(seg[s]) * stride)
-        if got != want:
-            short.append((int(seg[s]), got, want))
+        if got != want:  # name the first block the read did not fill
+            for b in seg[s:e].tolist():
+                have = got - (b - int(seg[s])) * stride
+                if have < block_len(b):
+                    short.append((b, max(0, have), block_len(b)))
+                    break
             break
     return short

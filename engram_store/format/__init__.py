@@ -5,13 +5,18 @@ A store is a directory::
     manifest.json          UTF-8 JSON, keys sorted, 1-space indent, trailing newline:
                            format="engram-store", format_version=1, backend ("mmap" | "lmdb"),
                            fingerprint (hex str or null), tier_plan (object or null), tables:
-                           {name: {rows, dim, dtype, row_bytes, block_rows, remap, remap_crc32, codec,
-                           shuffle}}, manifest_crc32 (crc32 of these bytes without that key)
+                           {name: {rows, dim, dtype, row_bytes, block_rows, block_stride (mmap), remap,
+                           remap_crc32, codec, shuffle}}, manifest_crc32 (crc32 of these bytes without that key)
     <table>.remap.npy      NumPy .npy (little-endian int32 if rows < 2**31 else int64):
                            remap[row_id] = rank (a permutation of 0..rows-1)
     mmap backend:
-    <table>.rows           rows in rank order, row r at byte r*row_bytes, little-endian
-                           float32 / float16 / bfloat16, no header, no padding
+    <table>.rows           rows in rank order, little-endian float32 / float16 / bfloat16 /
+                           uint8, no header, in blocks of block_rows rows: block b starts at
+                           byte b*block_stride (the table entry's "block_stride": block_rows*row_bytes
+                           rounded up to a multiple of 4096 unless that pads more than 1/4 of it;
+                           absent = block_rows*row_bytes, no padding), row r at
+                           (r // block_rows)*block_stride + (r % block_rows)*row_bytes; zero bytes
+                           pad each block but the last to its stride
     <table>.crc32          one little-endian uint32 per block of block_rows rows
                            (zlib.crc32 of the block's row bytes; last block may be short)
     lmdb backend:

@@ -319,7 +319,7 @@ class TestMmapStore(StoreContract):
         import json
         entry = json.loads((path / "manifest.json").read_text())["tables"][table]
         with open(path / f"{table}.rows", "r+b") as f:
-            f.seek(block * entry["block_rows"] * entry["row_bytes"] + 5)
+            f.seek(block * entry.get("block_stride", entry["block_rows"] * entry["row_bytes"]) + 5)
             b = f.read(1)
             f.seek(-1, 1)
             f.write(bytes([b[0] ^ 0x40]))

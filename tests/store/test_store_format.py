@@ -6,13 +6,17 @@ produced by the writer.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zlib
 
+import pytest
 import torch
 
 import engram_store
+from engram_store.errors import StoreCorruptError
+from engram_store.format import manifest_bytes, seal_manifest
 
 # Without its "manifest_crc32" line (the crc32 of exactly these bytes, inserted below);
 # REMAP_CRC is the crc32 of the remap file's bytes.
@@ -24,6 +28,7 @@ MANIFEST_BODY = b"""{
  "tables": {
   "t": {
    "block_rows": 1024,
+   "block_stride": 4096,
    "checksum": "crc32",
    "crc_file": "t.crc32",
    "dim": 2,
@@ -123,3 +128,45 @@ def test_lmdb_block_values_follow_the_format(tmp_path):
                 decode_block(bad, len(block), 2, True, dctx, "t", b)
         assert txn.get(block_key("t", 2)) is None
     env.close()
+
+
+def test_blocks_are_page_aligned_and_padded_with_zeros(tmp_path):
+    # 264-byte rows (V4.1's width): 15 rows = 3,960 bytes per block, so block b starts at b * 4096
+    # and 136 zero bytes pad every block but the last; the crc32 covers the rows only
+    T = torch.arange(17 * 132, dtype=torch.int16).reshape(17, 132).view(torch.float16)
+    p = engram_store.write(tmp_path / "s", {"t": T})
+    rows = [struct.pack("<132h", *range(r * 132, (r + 1) * 132)) for r in range(17)]
+    block0, block1 = b"".join(rows[:15]), b"".join(rows[15:])
+    assert len(block0) == 3960
+    assert (p / "t.rows").read_bytes() == block0 + bytes(136) + block1
+    assert (p / "t.crc32").read_bytes() == struct.pack("<2I", zlib.crc32(block0), zlib.crc32(block1))
+    entry = json.loads((p / "manifest.json").read_text())["tables"]["t"]
+    assert (entry["block_rows"], entry["block_stride"], entry["row_bytes"]) == (15, 4096, 264)
+    with engram_store.open(p, device="cpu") as s:
+        assert torch.equal(s.lookup("t", torch.arange(17)).view(torch.int16), T.view(torch.int16))
+
+
+def test_rows_wider_than_a_quarter_page_of_padding_stay_packed(tmp_path):
+    # 3,000-byte rows: one row per block; a 4,096-byte stride would pad 27% of the file
+    T = torch.arange(3 * 1500, dtype=torch.int16).reshape(3, 1500).view(torch.float16)
+    p = engram_store.write(tmp_path / "s", {"t": T})
+    assert (p / "t.rows").read_bytes() == struct.pack("<4500h", *range(4500))
+    entry = json.loads((p / "manifest.json").read_text())["tables"]["t"]
+    assert (entry["block_rows"], entry["block_stride"]) == (1, 3000)
+
+
+def test_a_store_without_block_stride_is_read_packed(tmp_path):
+    # stores written before page alignment: no "block_stride", block b at b * block_rows * row_bytes
+    T = torch.randn(40, 132).half()
+    p = engram_store.write(tmp_path / "s", {"t": T})
+    manifest = json.loads((p / "manifest.json").read_text())
+    del manifest["tables"]["t"]["block_stride"]
+    (p / "manifest.json").write_bytes(manifest_bytes(seal_manifest(
+        {k: v for k, v in manifest.items() if k != "manifest_crc32"})))
+    (p / "t.rows").write_bytes(T.view(torch.uint8).numpy().tobytes())  # packed rows, rank = id
+    with engram_store.open(p, device="cpu") as s:
+        assert torch.equal(s.lookup("t", torch.tensor([39, 0, 14, 15, 29, 30])).view(torch.int16),
+                           T[[39, 0, 14, 15, 29, 30]].view(torch.int16))
+    (p / "t.rows").write_bytes(T.view(torch.uint8).numpy().tobytes()[:-1])
+    with pytest.raises(StoreCorruptError, match="truncated"):
+        engram_store.open(p, device="cpu")
