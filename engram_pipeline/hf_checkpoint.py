@@ -233,10 +233,11 @@ class HFCheckpoint:
                 k = min(stop, a + chunk_rows) - a
                 _pread_exact(fw, wbuf[:k], t.weight, t.weight.start + a * HEAD_DIM)
                 _pread_exact(fs, sbuf[:k], t.scale, t.scale.start + a * SCALES)
-                out = torch.empty((k, ROW_BYTES), dtype=torch.uint8)
-                out[:, :HEAD_DIM] = torch.from_numpy(wbuf[:k])
-                out[:, HEAD_DIM:] = torch.from_numpy(sbuf[:k])
-                yield out
+                # numpy, not torch, for the strided copy: 6.7 GB/s against torch's 0.2 GB/s for uint8 rows
+                out = np.empty((k, ROW_BYTES), dtype=np.uint8)
+                out[:, :HEAD_DIM] = wbuf[:k]
+                out[:, HEAD_DIM:] = sbuf[:k]
+                yield torch.from_numpy(out)
         finally:
             os.close(fw)
             os.close(fs)
