@@ -120,11 +120,10 @@ class StoreWriter:
             )
         if st.written + chunk.shape[0] > st.info.rows:
             raise InvalidValuesError(f"table {name!r}: more than {st.info.rows} rows written")
-        raw = chunk.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        raw = memoryview(chunk.detach().cpu().contiguous().view(torch.uint8).numpy()).cast("B")
         st.written += chunk.shape[0]
-        st.pending += raw
         try:
-            self._flush(st, final=st.written == st.info.rows)
+            self._flush(st, raw, final=st.written == st.info.rows)
         except (OSError, lmdb.Error) as e:
             raise self._write_failed(e) from e
 
@@ -136,15 +135,27 @@ class StoreWriter:
             "committed and any earlier store there is unchanged: free space and build again"
         )
 
-    def _flush(self, st: _TableState, final: bool) -> None:
-        """Hand the backend every whole block of ``st.pending`` (and the short last one if ``final``)."""
+    def _flush(self, st: _TableState, raw: memoryview, final: bool) -> None:
+        """Hand the backend every whole block of ``st.pending + raw`` (and the short last one if ``final``).
+
+        Whole blocks go as views of the caller's buffer (the backend writes them before returning):
+        only a block split across two calls is copied, so a large import moves each byte once here.
+        """
         bb = st.block_rows * st.info.row_bytes
-        end = len(st.pending) if final else len(st.pending) // bb * bb
-        if end == 0:
-            return
-        data = memoryview(bytes(st.pending[:end]))
-        del st.pending[:end]
-        self._rows.write_blocks(st.name, [data[i: min(i + bb, end)] for i in range(0, end, bb)])
+        blocks = []
+        if st.pending:
+            take = min(bb - len(st.pending), len(raw))
+            st.pending += raw[:take]
+            raw = raw[take:]
+            if len(st.pending) == bb or (final and not len(raw)):
+                blocks.append(memoryview(bytes(st.pending)))
+                st.pending = bytearray()
+        if not st.pending:  # raw starts on a block boundary
+            end = len(raw) if final else len(raw) // bb * bb
+            blocks.extend(raw[i: min(i + bb, end)] for i in range(0, end, bb))
+            st.pending = bytearray(raw[end:])
+        if blocks:
+            self._rows.write_blocks(st.name, blocks)
 
     # -- commit / abort ------------------------------------------------------------------
     def commit(self) -> Path:

@@ -262,13 +262,24 @@ class FlatFileWriter:
     def write_blocks(self, name: str, blocks: list[memoryview]) -> None:
         # the pad goes in front of the next block, so the file ends with the last block's rows
         f, stride, pad = self._files[name], self._stride[name], self._pad[name]
+        self._crcs[name].extend(crc32(b) for b in blocks)
+        full = blocks if len(blocks[-1]) == len(blocks[0]) else blocks[:-1]  # all but a short last block
+        if len(full) > 1 and stride > len(full[0]):
+            # many whole blocks: lay them out padded in one buffer and write it at once (a write per
+            # block and pad costs more than the copy)
+            bb = len(full[0])
+            out = np.zeros((len(full), stride), dtype=np.uint8)
+            out[:, :bb] = np.frombuffer(b"".join(full), np.uint8).reshape(-1, bb)
+            f.write(bytes(pad))
+            f.write(memoryview(out).cast("B")[: out.size - (stride - bb)])
+            pad = stride - bb
+            blocks = blocks[len(full):]
         for b in blocks:
             if pad:
                 f.write(bytes(pad))
             f.write(b)
             pad = stride - len(b)
         self._pad[name] = pad
-        self._crcs[name].extend(crc32(b) for b in blocks)
 
     def finish_table(self, name: str) -> dict:
         """Close the table's files; returns its manifest entry's backend fields."""
