@@ -48,47 +48,46 @@ def run_starts(blocks: np.ndarray, max_gap: int = MERGE_GAP_BLOCKS, max_len: int
     return np.flatnonzero(new | (pos % max_len == 0))
 
 
-def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, stride: int, block_len) -> list:
+def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, stride: int,
+              n_blocks: int, last_len: int) -> list:
     """Blocks ``blocks[lo:hi]`` (sorted, unique) of the file ``fd`` into rows ``lo:hi`` of ``buf``.
 
-    ``block_len(b)`` is the byte count of block ``b`` (its rows; the last block may be short).
-    Returns ``[]``, or ``[(b, got, want)]`` for the first block ``b`` a read did not fill (``got``
-    of its ``want`` bytes: the file was truncated) so that the caller names the error.
+    ``buf`` is C-contiguous uint8 ``[n, block_bytes]``; every block holds ``block_bytes`` but
+    the file's last one (``n_blocks - 1``), which holds ``last_len``. Returns ``[]``, or
+    ``[(b, got, want)]`` for the first block ``b`` a read did not fill (``got`` of its ``want``
+    bytes: the file was truncated) so that the caller names the error.
     """
     seg = blocks[lo:hi]
-    if seg.size == 0:
+    n, bb = seg.size, buf.shape[1]
+    if n == 0:
         return []
+    assert buf.flags.c_contiguous
+    lens = np.full(n, bb, np.int64)
+    lens[seg == n_blocks - 1] = last_len
+    skip = np.zeros(n, np.int64)  # file bytes between block j's end and block j+1's start
+    skip[:-1] = (seg[1:] - seg[:-1]) * stride - lens[:-1]
     starts = run_starts(seg)
-    ends = np.append(starts[1:], seg.size)
+    ends = np.append(starts[1:], n)
     first, last = seg[starts], seg[ends - 1]
+    run_bytes = (last - first) * stride + lens[ends - 1]
     if starts.size > 1 and _WILLNEED is not None:
-        for b0, b1 in zip(first.tolist(), last.tolist()):
-            os.posix_fadvise(fd, b0 * stride, (b1 - b0) * stride + block_len(b1), _WILLNEED)
+        for b0, size in zip(first.tolist(), run_bytes.tolist()):
+            os.posix_fadvise(fd, b0 * stride, size, _WILLNEED)
+    flat = memoryview(buf).cast("B")
     scratch = memoryview(np.empty((MERGE_GAP_BLOCKS + 1) * stride, np.uint8))
-    short = []
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        iov, want = [], 0
-        span0 = prev = None  # buffer rows [span0, j) are one contiguous iovec so far
-        for j in range(s, e):
-            b = int(seg[j])
-            if prev is not None:
-                skip = (b - prev) * stride - block_len(prev)  # the previous block's pad and any gap
-                if skip:
-                    iov.append(memoryview(buf[lo + span0: lo + j]).cast("B")[: (j - span0 - 1) * buf.shape[1] + block_len(prev)])
-                    iov.append(scratch[:skip])
-                    want += skip
-                    span0 = j
-            if span0 is None:
-                span0 = j
-            want += block_len(b)
-            prev = b
-        iov.append(memoryview(buf[lo + span0: lo + e]).cast("B")[: (e - span0 - 1) * buf.shape[1] + block_len(prev)])
-        got = os.preadv(fd, iov, int(seg[s]) * stride)
+    lens_l, skip_l = lens.tolist(), skip.tolist()
+    for s, e, b0, want in zip(starts.tolist(), ends.tolist(), first.tolist(), run_bytes.tolist()):
+        iov, span0 = [], s  # buffer rows span0.. are one contiguous iovec until a skip
+        for j in range(s, e - 1):
+            if skip_l[j]:
+                iov.append(flat[(lo + span0) * bb: (lo + j) * bb + lens_l[j]])
+                iov.append(scratch[: skip_l[j]])
+                span0 = j + 1
+        iov.append(flat[(lo + span0) * bb: (lo + e - 1) * bb + lens_l[e - 1]])
+        got = os.preadv(fd, iov, b0 * stride)
         if got != want:  # name the first block the read did not fill
-            for b in seg[s:e].tolist():
-                have = got - (b - int(seg[s])) * stride
-                if have < block_len(b):
-                    short.append((b, max(0, have), block_len(b)))
-                    break
-            break
-    return short
+            for j in range(s, e):
+                have = got - (int(seg[j]) - b0) * stride
+                if have < lens_l[j]:
+                    return [(int(seg[j]), max(0, have), lens_l[j])]
+    return []

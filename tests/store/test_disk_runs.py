@@ -61,7 +61,7 @@ def test_read_runs_returns_each_blocks_bytes(tmp_path, rb, br, stride):
             # as the pool splits a batch: each thread reads blocks[lo:hi] into buf[lo:hi]
             cuts = [0, blocks.size] if trial % 2 else [0, blocks.size // 3, blocks.size]
             for lo, hi in zip(cuts, cuts[1:]):
-                assert read_runs(fd, blocks, buf, lo, hi, stride, block_len) == []
+                assert read_runs(fd, blocks, buf, lo, hi, stride, n_blocks, block_len(n_blocks - 1)) == []
             for i, b in enumerate(blocks.tolist()):
                 n = block_len(b)
                 assert np.array_equal(buf[i, :n], rows[b * br: b * br + n // rb].reshape(-1)), (trial, b)
@@ -79,7 +79,7 @@ def test_read_runs_reports_a_short_read(tmp_path):
     try:
         blocks = np.array([3, 19, 20, 30])
         buf = np.zeros((4, br * rb), np.uint8)
-        short = read_runs(fd, blocks, buf, 0, 4, stride, lambda b: br * rb)
+        short = read_runs(fd, blocks, buf, 0, 4, stride, 40, br * rb)
         assert short == [(20, 100, br * rb)]  # the block the cut went through, with the bytes it kept
     finally:
         os.close(fd)
