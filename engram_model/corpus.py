@@ -1,4 +1,10 @@
-"""Corpus helpers: the standard library as a corpus that is on every machine, file reading, splits."""
+"""Corpus helpers: the standard library as a corpus that is on every machine, file reading, splits.
+
+A corpus file that is not text is skipped, not tokenized: a NUL byte in its first
+``SNIFF_BYTES`` bytes (executables, images, archives: UTF-8 text never holds one) or bytes
+that do not decode as UTF-8. Tokenizing such a file would count rows of garbage that no
+prompt asks for.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,19 @@ import os
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from engram_store.errors import EngramStoreError, StoreNotFoundError
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".html")
+SNIFF_BYTES = 8192  # where a binary file shows a NUL byte (the same window git and grep look at)
+
+
+class Skipped(NamedTuple):
+    """A corpus file left out, and why."""
+
+    path: Path
+    reason: str
 
 
 def stdlib_files() -> list[Path]:
@@ -38,25 +53,52 @@ def expand_paths(paths: Iterable) -> list[Path]:
     return out
 
 
-def read_text(path: Path) -> str:
-    """A file's text (gzip when the name ends in .gz); undecodable bytes are replaced."""
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes (decompressed when the name ends in .gz)."""
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            data = path.read_bytes()
+                return f.read()
+        return path.read_bytes()
     except FileNotFoundError:
         raise StoreNotFoundError(f"corpus file {path} does not exist") from None
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise EngramStoreError(f"cannot read corpus file {path}: {exc}") from None
-    return data.decode("utf-8", errors="replace")
 
 
-def iter_texts(paths: Iterable) -> Iterator[str]:
-    """The text of every file under ``paths`` (files and folders; plain and .gz)."""
+def read_text(path: Path) -> str:
+    """A file's text (gzip when the name ends in .gz); undecodable bytes are replaced."""
+    return _read_bytes(path).decode("utf-8", errors="replace")
+
+
+def decode_text(data: bytes) -> tuple[str | None, str | None]:
+    """``(text, None)`` when ``data`` is text, else ``(None, why)``: a NUL byte near the start, or not UTF-8."""
+    nul = data.find(b"\0", 0, SNIFF_BYTES)
+    if nul >= 0:
+        return None, f"binary (NUL byte at offset {nul})"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+
+
+def read_corpus_text(path: Path) -> tuple[str | None, str | None]:
+    """``(text, None)`` for a text file, ``(None, why)`` for one to skip (see the module docstring)."""
+    return decode_text(_read_bytes(Path(path)))
+
+
+def iter_texts(paths: Iterable, skipped: list[Skipped] | None = None) -> Iterator[str]:
+    """The text of every text file under ``paths`` (files and folders; plain and .gz).
+
+    Binary or undecodable files are skipped; when ``skipped`` is a list, each is appended to it.
+    """
     for f in expand_paths(paths):
-        yield read_text(f)
+        text, reason = read_corpus_text(f)
+        if text is None:
+            if skipped is not None:
+                skipped.append(Skipped(f, reason))
+            continue
+        yield text
 
 
 def _common_root(files: list[Path]) -> Path | None:
