@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -185,3 +186,38 @@ def test_build_shards_and_join_back(world, tmp_path):
     assert set(joined) == set(tables)
     for name, t in tables.items():
         assert torch.equal(joined[name], t)
+
+
+def test_count_skips_binary_files_and_says_so(world, tmp_path, capsys):
+    root, ckpt, corpus, counts = world
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "good.py").write_text("".join(DOCS[:30]))
+    shutil.copyfile("/bin/ls", mixed / "ls.txt")
+    (mixed / "latin.md").write_bytes("r\u00e9sum\u00e9 of f1\n".encode("latin-1"))
+    out, ref_out = tmp_path / "mixed.npz", tmp_path / "good.npz"
+    capsys.readouterr()
+    assert main(["count", "--checkpoint", str(ckpt), str(mixed), "/bin/ls", "-o", str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text.strip().splitlines()[-1])
+    assert report["skipped"] == 3 and report["files"] == 1
+    assert sorted(p for p, _ in report["skipped_files"]) == sorted(["/bin/ls", str(mixed / "latin.md"),
+                                                                     str(mixed / "ls.txt")])
+    assert "skipped 3 binary or non-UTF-8 files" in text and "ls.txt (binary (NUL byte" in text
+    # The counts are those of the text file alone.
+    assert main(["count", "--checkpoint", str(ckpt), str(mixed / "good.py"), "-o", str(ref_out), "--no-progress"]) == 0
+    got, ref = Counts.load(out), Counts.load(ref_out)
+    assert got.tokens == ref.tokens and got.files == 1
+    for name in ref.tables:
+        np.testing.assert_array_equal(got.tables[name], ref.tables[name])
+
+    # Nothing but binary files: an error, and no counts file.
+    only = tmp_path / "only"
+    only.mkdir()
+    shutil.copyfile("/bin/ls", only / "ls.txt")
+    capsys.readouterr()
+    bad = tmp_path / "bad.npz"
+    assert main(["count", "--checkpoint", str(ckpt), str(only), "-o", str(bad), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("engram-store count: error: all 1 corpus files were skipped") and "ls.txt" in last
+    assert not bad.exists()
