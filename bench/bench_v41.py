@@ -152,7 +152,7 @@ def main() -> None:
     try:
         gen = timed("generate", lambda: write_v41_checkpoint(ckpt, engram_vocab_size=args.engram_vocab_size,
                                                               overwrite=True), seconds, peaks)
-        train, held = split_files(stdlib_files(), held_out=0.1, seed=0)
+        train, held = split_files(stdlib_files(), 0.1)
         budget, corpus = int(args.corpus_mb * 1e6), []
         for f in train:
             if budget <= 0:
