@@ -1,6 +1,7 @@
 """A trainable Engram table sharded across ranks (the paper's All-to-All training setup).
 
-Each rank owns rows ``row % world`` (the owner function of :mod:`engram_store.sharded`)
+Each rank owns the rows its owner function gives it (``row % world`` by default, or whole hash
+heads with :class:`engram_store.sharded.HeadRanges`, as :mod:`engram_store.sharded` shards stores)
 and keeps them, their gradients and their Adam state; nothing of the table is replicated.
 
 forward:  ids ──all_to_all──► owners gather local rows ──all_to_all──► rows   (differentiable)
@@ -34,16 +35,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engram_store.errors import CollectiveOrderError, EngramStoreError, InvalidRowIdsError
+from engram_store.errors import CollectiveOrderError, EngramStoreError, InvalidRowIdsError, ShardLayoutError
 from engram_store.prefetch.handle import Ready
 from engram_store.sharded.exchange import DEFAULT_TIMEOUT_S, Exchange, Route, peer_failure, table_tag
-from engram_store.sharded.layout import shard_rows
+from engram_store.sharded.owner import Owner
+from engram_store.sharded.row_mod_n import RowModN
 
 
 class _ShardedGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchor: torch.Tensor, table: "ShardedEmbedding", flat_ids: torch.Tensor) -> torch.Tensor:
-        route = table._call(lambda ex: ex.route(flat_ids, table._tag), "forward ids")
+        route = table._call(lambda ex: ex.route(flat_ids, table._tag, table.owner), "forward ids")
         served = table.local_weight.detach()[route.recv_local.to(table.local_weight.device)]
         rows = table._call(lambda ex: ex.return_rows(route, served), "forward rows")
         ctx.table, ctx.route = table, route
@@ -59,14 +61,15 @@ class _ShardedGather(torch.autograd.Function):
 
 
 class ShardedEmbedding(nn.Module):
-    """``rows x dim`` table, row ``r`` held by rank ``r % world``. Satisfies engram_model's
+    """``rows x dim`` table, row ``r`` held by rank ``owner.owner_of(r)`` (default ``r % world``). Satisfies engram_model's
     MemoryTable protocol (``rows``, ``dim``, ``prefetch(row_ids) -> Pending``), so
     ``model.set_memory({layer: ShardedEmbedding(...)})`` trains EngramLM across ranks.
 
     ``weight``: optional full initial table ``[rows, dim]`` (every rank passes the same one;
     each keeps its rows); otherwise rows are drawn N(0, ``init_std``) from a generator seeded
     by ``seed`` in global row order, so the table is the same for any world size.
-    Construction is collective (it creates the table's own process group).
+    ``owner``: an owner function of :mod:`engram_store.sharded` for ``rows`` rows and ``world``
+    shards (default ``RowModN``). Construction is collective (it creates the table's own process group).
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class ShardedEmbedding(nn.Module):
         grad_average: bool = True,
         group: Any = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        owner: Owner | None = None,
     ) -> None:
         super().__init__()
         self.rows, self.dim = int(rows), int(dim)
@@ -95,6 +99,10 @@ class ShardedEmbedding(nn.Module):
             own_group = dist.new_group(ranks, timeout=timedelta(seconds=self.timeout), backend=dist.get_backend(group))
         self._exchange = Exchange(own_group)
         self.rank, self.world_size = self._exchange.rank, self._exchange.world
+        self.owner = owner if owner is not None else RowModN(self.rows, self.world_size)
+        if self.owner.rows != self.rows or self.owner.n_shards != self.world_size:
+            raise ShardLayoutError(f"owner {self.owner!r} does not fit a {self.rows}-row table on {self.world_size} "
+                                   "ranks; build it for this table and world size")
         self._tag = table_tag(f"ShardedEmbedding:{self.rows}x{self.dim}")
         if weight is None:
             g = torch.Generator().manual_seed(seed)
@@ -102,8 +110,8 @@ class ShardedEmbedding(nn.Module):
         if tuple(weight.shape) != (self.rows, self.dim):
             raise ValueError(f"weight must have shape ({self.rows}, {self.dim}), got {tuple(weight.shape)}")
         # plain tensors, not Parameters/buffers: DDP must neither all-reduce nor broadcast them
-        self.local_weight = weight[self.rank :: self.world_size].detach().clone().float().contiguous()
-        assert self.local_weight.shape[0] == shard_rows(self.rows, self.rank, self.world_size)
+        mine = self.owner.global_index(torch.arange(self.owner.shard_rows(self.rank)), self.rank)
+        self.local_weight = weight.detach()[mine].clone().float().contiguous()
         self.exp_avg = torch.zeros_like(self.local_weight)
         self.exp_avg_sq = torch.zeros_like(self.local_weight)
         self.step_count = 0
@@ -207,14 +215,15 @@ class ShardedEmbedding(nn.Module):
         if self.world_size == 1:
             return self.local_weight.clone()
         W = self.world_size
-        n_max = shard_rows(self.rows, 0, W)
+        n_max = max(self.owner.shard_rows(r) for r in range(W))
         padded = torch.zeros(n_max, self.dim)
         padded[: self.local_weight.shape[0]] = self.local_weight
         parts = [torch.empty_like(padded) for _ in range(W)]
         dist.all_gather(parts, padded, group=self._exchange.group)
         full = torch.empty(self.rows, self.dim)
         for r in range(W):
-            full[r::W] = parts[r][: shard_rows(self.rows, r, W)]
+            k = self.owner.shard_rows(r)
+            full[self.owner.global_index(torch.arange(k), r)] = parts[r][:k]
         return full
 
     def exchange_stats(self) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engram_store.errors import CollectiveOrderError, PeerFailureError
+from engram_store.errors import CollectiveOrderError, PeerFailureError, ShardLayoutError
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -73,23 +73,27 @@ class Exchange:
         self.short_circuit = True  # one rank: no collectives (tests turn it off to exercise them)
 
     # -- step 1 and 2: ids to owners
-    def route(self, ids: torch.Tensor, tag: int) -> Route:
-        """Send each owner the unique ids it owns. ``ids``: flat int64 global row ids."""
+    def route(self, ids: torch.Tensor, tag: int, owner: Any = None) -> Route:
+        """Send each owner the unique ids it owns. ``ids``: flat int64 global row ids; ``owner``:
+        the table's owner function (:class:`engram_store.sharded.owner.Owner`; None: ``row % W``)."""
         t0 = time.perf_counter()
         ids = ids.to(self.comm_device, torch.int64)
         uniq, inverse = torch.unique(ids, sorted=True, return_inverse=True)
         W = self.world
+        if owner is not None and owner.n_shards != W:
+            raise ShardLayoutError(f"rank {self.rank}: the table is sharded {owner.n_shards} ways but the process "
+                                   f"group has {W} ranks; launch one rank per shard")
         if W == 1 and self.short_circuit:
             route = Route(inverse, [uniq.numel()], [uniq.numel()], uniq, uniq.numel())
             self._account(ids.numel(), uniq.numel(), uniq.numel(), t0)
             return route
-        owner = torch.remainder(uniq, W)
-        perm = torch.argsort(owner, stable=True)
+        dest = torch.remainder(uniq, W) if owner is None else owner.owner_of(uniq)
+        perm = torch.argsort(dest, stable=True)
         send_ids = uniq[perm]
         # position of each unique id in send order, so rows_in_send_order[pos[inverse]] is the answer
         pos = torch.empty_like(perm)
         pos[perm] = torch.arange(perm.numel(), device=perm.device)
-        send_counts_t = torch.bincount(owner, minlength=W)
+        send_counts_t = torch.bincount(dest, minlength=W)
         header = torch.stack(
             [send_counts_t, torch.full_like(send_counts_t, tag), torch.full_like(send_counts_t, self.seq)], dim=1
         )
@@ -112,7 +116,8 @@ class Exchange:
         me = self.rank
         self.stats.bytes_sent += 8 * (sum(send_counts) - send_counts[me]) + header.numel() * 8 * (W - 1) // W
         self.stats.bytes_received += 8 * (sum(recv_counts) - recv_counts[me]) + header.numel() * 8 * (W - 1) // W
-        route = Route(pos[inverse], send_counts, recv_counts, torch.div(recv_ids, W, rounding_mode="floor"), uniq.numel())
+        local = torch.div(recv_ids, W, rounding_mode="floor") if owner is None else owner.local_index(recv_ids)
+        route = Route(pos[inverse], send_counts, recv_counts, local, uniq.numel())
         self._account(ids.numel(), uniq.numel(), int(route.recv_local.numel()), t0)
         return route
 

@@ -1,39 +1,37 @@
-"""The layout of a sharded store: the owner function, ``shards.json``, and building / joining shards.
+"""The layout of a sharded store: owner functions, ``shards.json``, and reading it back.
 
 Each of ``n`` ranks owns a partition of every table's rows, held in its own tiered store
-(``out_dir/shard-{i}-of-{n}/``, a normal store). The owner function is
+(``out_dir/shard-{i}-of-{n}/``, a normal store). Two owner functions (one file each):
 
-    owner_of(row)   = row % n          local_index(row) = row // n
+- ``row_mod_n`` (:mod:`.row_mod_n`, the default): ``owner = row % n``, ``local = row // n``;
+  consecutive (equally hot) rows of a frequency-ordered table land on different ranks.
+- ``head_ranges`` (:mod:`.head_ranges`): rank ``r`` owns whole hash heads, a contiguous row range,
+  as tensor-parallel engines split a V4.1 layer (6 of 24 heads per rank at ``n = 4``).
 
-Hashed N-gram row ids are spread uniformly, and a frequency-ordered table has its hot
-rows at the low ids: the modulo puts consecutive (equally hot) rows on different ranks,
-so every rank serves about the same share of the traffic. Contiguous ranges would give
-rank 0 all the hottest rows of a frequency-ordered table. The function's name and the
-shard count are recorded in ``shards.json`` and in every shard's manifest (tier plan,
-key ``"shard"``); opening with a different function or rank count raises
-:class:`ShardLayoutError`.
+The function's name, the shard count and (for ``head_ranges``) each table's head sizes and ranges
+are recorded in ``shards.json`` and in every shard's manifest (tier plan, key ``"shard"``); opening
+with a different function, rank count or a shard of another build raises :class:`ShardLayoutError`.
+Building (:func:`write_shards`, module ``write``) and joining (:func:`join_shards`, module ``join``)
+stream with bounded memory and commit atomically through :class:`engram_store.format.PartialDir`.
 
-``write_shards`` commits the whole directory (every shard and ``shards.json``) through the
-same atomic directory commit as a single store (:class:`engram_store.format.PartialDir`):
-after a crash ``out_dir`` holds the whole old sharded store or the whole new one.
+The module-level ``owner_of`` / ``local_index`` / ``global_index`` / ``shard_rows`` are ``row_mod_n``'s;
+:func:`owners_of` gives the owner function of every table of a layout.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from engram_store.errors import (
-    InvalidValuesError, ShardLayoutError, StoreCorruptError, StoreExistsError, StoreNotFoundError,
-)
-from engram_store.format import MANIFEST, PartialDir
-from engram_store.store import open as open_store
-from engram_store.writer import write as write_store
+from engram_store.errors import InvalidValuesError, ShardLayoutError, StoreCorruptError, StoreNotFoundError
+from engram_store.format import DTYPES
+from engram_store.sharded.head_ranges import HeadRanges
+from engram_store.sharded.owner import OWNER_FUNCTIONS, Owner, owner_from_json
+from engram_store.sharded.row_mod_n import RowModN
 
 OWNER_FUNCTION = "row_mod_n"  # owner = row % n, local index = row // n
 LAYOUT_FILE = "shards.json"
@@ -73,100 +71,62 @@ def _check_n(n_shards: int) -> None:
         raise InvalidValuesError(f"n_shards must be >= 1, got {n_shards}")
 
 
-def _shape_of(t: Any) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+def make_owner(owner: str, rows: int, n_shards: int, head_rows=None, table: str = "") -> Owner:
+    """The owner function ``owner`` ("row_mod_n" or "head_ranges") of a ``rows``-row table."""
+    if owner == RowModN.name:
+        return RowModN(rows, n_shards)
+    if owner == HeadRanges.name:
+        if head_rows is None:
+            raise InvalidValuesError(
+                f"owner='head_ranges' needs the rows of every hash head of table {table!r}: pass "
+                "head_rows={table: [rows per head]} (the layer's NgramHasher.primes, order-2 heads first)")
+        o = HeadRanges(head_rows, n_shards)
+        if o.rows != rows:
+            raise InvalidValuesError(f"table {table!r}: head_rows sum to {o.rows}, the table has {rows} rows; "
+                                     "pass the head sizes of this table's hash config")
+        return o
+    raise InvalidValuesError(f"unknown owner function {owner!r}: use one of {list(OWNER_FUNCTIONS)}")
 
 
-def _shard_info(shard: int, n_shards: int, layout_id: str, global_rows: Mapping[str, int]) -> dict:
-    return {
+def _shard_info(shard: int, n_shards: int, layout_id: str, owners: Mapping[str, Owner]) -> dict:
+    info = {
         "index": shard,
         "n_shards": n_shards,
-        "owner": OWNER_FUNCTION,
+        "owner": next(iter(owners.values())).name if owners else OWNER_FUNCTION,
         "layout_id": layout_id,
-        "global_rows": dict(global_rows),
+        "global_rows": {n: o.rows for n, o in owners.items()},
+    }
+    extra = {n: o.shard_json(shard) for n, o in owners.items() if o.shard_json(shard)}
+    if extra:
+        info["tables"] = extra
+    return info
+
+
+def layout_json(n_shards: int, layout_id: str, backend: str, fingerprint, specs: Mapping[str, Any],
+                owners: Mapping[str, Owner]) -> dict:
+    """The ``shards.json`` document (specs: {name: TableSpec})."""
+    tables = {}
+    for name, spec in specs.items():
+        entry = {"rows": spec.rows, "dim": spec.dim, "dtype": str(spec.dtype).removeprefix("torch.")}
+        if spec.row_format is not None:
+            entry["row_format"] = spec.row_format
+        entry.update(owners[name].to_json())
+        tables[name] = entry
+    return {
+        "format": LAYOUT_FORMAT,
+        "version": LAYOUT_VERSION,
+        "n_shards": n_shards,
+        "owner": next(iter(owners.values())).name,
+        "layout_id": layout_id,
+        "backend": backend,
+        "fingerprint": fingerprint,
+        "tables": tables,
+        "shards": [shard_dir_name(i, n_shards) for i in range(n_shards)],
     }
 
 
-def write_shards(
-    out_dir: str | os.PathLike,
-    tables: Mapping[str, torch.Tensor],
-    order: Mapping[str, torch.Tensor] | None = None,
-    n_shards: int = 1,
-    *,
-    backend: str = "mmap",
-    fingerprint: str | None = None,
-    tier_plan: dict | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``out_dir/shard-{i}-of-{n}/`` (one normal store per rank) and ``out_dir/shards.json``.
-
-    ``tables[name]``: ``Tensor[rows, dim]`` in global row order. ``order[name][rank] = row``
-    (frequency order, as for :func:`engram_store.write`); each shard keeps the rows it
-    owns in the same relative order. ``tier_plan`` is passed to every shard with a
-    ``"shard"`` entry added (index, count, owner function, layout id, global rows).
-    Atomic (see the module docstring): on error the partial directory is removed and an
-    existing ``out_dir`` is intact; after a kill -9 it is the old or the new sharded store, whole.
-    """
-    _check_n(n_shards)
-    n_shards = int(n_shards)
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise StoreExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
-    if out.exists() and not (out.is_dir() and ((out / LAYOUT_FILE).is_file() or (out / MANIFEST).is_file()
-                                               or not any(out.iterdir()))):
-        raise StoreExistsError(f"{out} exists and is not a store: refusing to replace it")
-    for name, t in tables.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise InvalidValuesError(f"table {name!r} must be a 2-D torch.Tensor [rows, dim], got {_shape_of(t)}")
-    layout_id = uuid.uuid4().hex
-    global_rows = {name: int(t.shape[0]) for name, t in tables.items()}
-    with PartialDir(out) as part:
-        for i in range(n_shards):
-            local_tables = {name: t[i::n_shards].contiguous() for name, t in tables.items()}
-            local_order = None
-            if order is not None:
-                local_order = {}
-                for name in tables:
-                    o = order.get(name)
-                    if o is None:
-                        continue
-                    o = torch.as_tensor(o, dtype=torch.int64)
-                    if o.shape != (global_rows[name],):
-                        raise InvalidValuesError(
-                            f"order[{name!r}] must have shape ({global_rows[name]},), got {tuple(o.shape)}")
-                    mine = o[owner_of(o, n_shards) == i]
-                    local_order[name] = local_index(mine, n_shards)
-            plan = dict(tier_plan or {})
-            plan["shard"] = _shard_info(i, n_shards, layout_id, global_rows)
-            write_store(
-                part.path / shard_dir_name(i, n_shards),
-                local_tables,
-                local_order,
-                backend=backend,
-                fingerprint=fingerprint,
-                tier_plan=plan,
-            )
-        layout = {
-            "format": LAYOUT_FORMAT,
-            "version": LAYOUT_VERSION,
-            "n_shards": n_shards,
-            "owner": OWNER_FUNCTION,
-            "layout_id": layout_id,
-            "backend": backend,
-            "fingerprint": fingerprint,
-            "tables": {
-                name: {"rows": global_rows[name], "dim": int(t.shape[1]), "dtype": str(t.dtype).removeprefix("torch.")}
-                for name, t in tables.items()
-            },
-            "shards": [shard_dir_name(i, n_shards) for i in range(n_shards)],
-        }
-        _write_json(part.path / LAYOUT_FILE, layout)
-        part.commit()  # fsyncs every file and directory, swaps in over an existing out_dir
-    return out
-
-
 def read_layout(path: str | os.PathLike) -> dict:
-    """The ``shards.json`` of a sharded store directory, validated."""
+    """The ``shards.json`` of a sharded store directory, validated (every table's owner function too)."""
     p = Path(path) / LAYOUT_FILE
     if not p.is_file():
         raise StoreNotFoundError(
@@ -176,57 +136,65 @@ def read_layout(path: str | os.PathLike) -> dict:
         layout = json.loads(p.read_text())
     except (OSError, ValueError) as exc:
         raise StoreCorruptError(f"{p} is not valid JSON ({exc}); rebuild the sharded store") from exc
-    if layout.get("format") != LAYOUT_FORMAT or layout.get("version") != LAYOUT_VERSION:
+    if not isinstance(layout, dict) or layout.get("format") != LAYOUT_FORMAT or layout.get("version") != LAYOUT_VERSION:
+        got = layout if not isinstance(layout, dict) else (layout.get("format"), layout.get("version"))
         raise StoreCorruptError(
-            f"{p}: format {layout.get('format')!r} version {layout.get('version')!r}, expected "
-            f"{LAYOUT_FORMAT!r} version {LAYOUT_VERSION}; rebuild with this version of engram-store"
+            f"{p}: format/version {got!r}, expected {LAYOUT_FORMAT!r} version {LAYOUT_VERSION}; rebuild with this "
+            "version of engram-store"
         )
-    if layout.get("owner") != OWNER_FUNCTION:
+    if layout.get("owner") not in OWNER_FUNCTIONS:
         raise ShardLayoutError(
             f"{p}: rows were sharded with owner function {layout.get('owner')!r}, this engram-store "
-            f"routes with {OWNER_FUNCTION!r}; rebuild the shards (`engram-store build --shards N`)"
+            f"routes with {list(OWNER_FUNCTIONS)}; rebuild the shards (`engram-store build --shards N`)"
         )
+    n = layout.get("n_shards")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not isinstance(layout.get("tables"), dict) \
+            or not isinstance(layout.get("layout_id"), str):
+        raise StoreCorruptError(f"{p}: n_shards {n!r}, tables or layout_id malformed; rebuild the sharded store")
+    for name, entry in layout["tables"].items():
+        ok = isinstance(entry, dict) and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
+                                             and entry[k] >= (1 if k == "dim" else 0) for k in ("rows", "dim"))
+        if not ok or entry.get("dtype") not in DTYPES:
+            raise StoreCorruptError(f"{p}: table {name!r} entry {entry!r} is malformed (rows, dim, dtype); "
+                                    "rebuild the sharded store")
+    owners_of(layout, str(p))  # every table's owner function must parse
     return layout
+
+
+def owners_of(layout: dict, where: str = LAYOUT_FILE) -> dict[str, Owner]:
+    """``{table: Owner}`` of a ``shards.json`` document."""
+    n = int(layout["n_shards"])
+    return {name: owner_from_json(layout["owner"], int(m["rows"]), n, m, f"{where} table {name!r}")
+            for name, m in layout["tables"].items()}
+
+
+def table_infos(layout: dict) -> dict:
+    """``{table: ShardedTableInfo}`` (global shape, dtype, row format, owner) of a layout."""
+    from engram_store.sharded.store import ShardedTableInfo
+
+    owners = owners_of(layout)
+    return {name: ShardedTableInfo(int(m["rows"]), int(m["dim"]), DTYPES[m["dtype"]], owners[name],
+                                   m.get("row_format"))
+            for name, m in layout["tables"].items()}
 
 
 def check_shard_manifest(store: Any, layout: dict, shard: int, where: Path) -> None:
     plan = (getattr(store, "manifest", None) or {}).get("tier_plan") or {}
-    info = plan.get("shard")
-    expected = {"index": shard, "n_shards": layout["n_shards"], "owner": OWNER_FUNCTION, "layout_id": layout["layout_id"]}
-    got = {k: (info or {}).get(k) for k in expected}
+    info = plan.get("shard") if isinstance(plan, dict) else None
+    expected = {"index": shard, "n_shards": layout["n_shards"], "owner": layout["owner"],
+                "layout_id": layout["layout_id"]}
+    got = {k: (info if isinstance(info, dict) else {}).get(k) for k in expected}
     if got != expected:
         raise ShardLayoutError(
             f"{where}: shard manifest says {got}, shards.json expects {expected}; the shard directories "
             "come from different builds. Rebuild with `engram-store build --shards N`"
         )
-
-
-def join_shards(path: str | os.PathLike, *, chunk_rows: int = 1 << 20) -> dict[str, torch.Tensor]:
-    """Read every shard of a sharded store back into full tables ``{name: Tensor[rows, dim]}``
-    in original (global) row order. Checks each shard's manifest against ``shards.json``."""
-    root = Path(path)
-    layout = read_layout(root)
-    n = int(layout["n_shards"])
-    out: dict[str, torch.Tensor] = {}
-    for name, meta in layout["tables"].items():
-        out[name] = torch.empty(int(meta["rows"]), int(meta["dim"]), dtype=getattr(torch, meta["dtype"]))
-    for i in range(n):
-        d = root / shard_dir_name(i, n)
-        store = open_store(d, fingerprint=layout.get("fingerprint"))
-        try:
-            check_shard_manifest(store, layout, i, d)
-            for name, meta in layout["tables"].items():
-                local_n = shard_rows(int(meta["rows"]), i, n)
-                have = store.tables[name].rows
-                if have != local_n:
-                    raise StoreCorruptError(f"{d}: table {name!r} has {have} rows, expected {local_n}; rebuild")
-                dst = out[name][i::n]
-                for start in range(0, local_n, chunk_rows):
-                    stop = min(local_n, start + chunk_rows)
-                    dst[start:stop] = store.lookup(name, torch.arange(start, stop)).to("cpu", out[name].dtype)
-        finally:
-            store.close()
-    return out
+    owners = owners_of(layout)
+    for name, o in owners.items():
+        t = store.tables.get(name)
+        if t is None or t.rows != o.shard_rows(shard):
+            raise StoreCorruptError(f"{where}: table {name!r} has {None if t is None else t.rows} rows, shards.json "
+                                    f"gives shard {shard} {o.shard_rows(shard)}; rebuild the sharded store")
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -25,29 +25,38 @@ from typing import Any, Mapping, Protocol
 import torch
 import torch.distributed as dist
 
+from engram_store.budget import resolve_device
 from engram_store.errors import (
     CollectiveOrderError, EngramStoreError, PeerFailureError, ShardLayoutError, StoreClosedError, UnknownTableError,
 )
 from engram_store.ids import as_id_tensor
 from engram_store.sharded.exchange import DEFAULT_TIMEOUT_S, Exchange, peer_failure, table_tag
-from engram_store.sharded.layout import check_shard_manifest, read_layout, shard_dir_name
+from engram_store.format import fp8_rows
+from engram_store.format.rows import ROW_FORMATS
+from engram_store.sharded.layout import check_shard_manifest, read_layout, shard_dir_name, table_infos
+from engram_store.sharded.owner import Owner
+from engram_store.sharded.row_mod_n import RowModN
 from engram_store.store import open as open_store
 
 
 class LocalLookup(Protocol):
     """What a rank's own shard must offer: ``lookup(table, local_ids) -> Tensor[*ids.shape, dim]``."""
 
-    def lookup(self, table: str, row_ids: torch.Tensor) -> torch.Tensor: ...
-
-
-@dataclass
+    def lookup(self, table: str, row_ids: torch.Tensor, **kw) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
 class ShardedTableInfo:
     rows: int  # global rows
-    dim: int
-    dtype: torch.dtype
+    dim: int  # values per stored row (264 for packed fp8 rows)
+    dtype: torch.dtype  # stored dtype (uint8 for packed rows)
+    owner: Owner | None = None  # owner function (None: row % world size)
+    row_format: str | None = None  # how uint8 rows decode (format.ROW_FORMATS), or None
+
+    @property
+    def out_dim(self) -> int:
+        """Values per row as ``prefetch`` returns them by default (decoded rows for a row format)."""
+        return ROW_FORMATS[self.row_format][1][1] if self.row_format else self.dim
 
 
 class DenseShard:
@@ -58,10 +67,17 @@ class DenseShard:
         self._tables = dict(tables)
 
     @classmethod
-    def from_full(cls, tables: Mapping[str, torch.Tensor], shard: int, n_shards: int) -> "DenseShard":
-        return cls({name: t[shard::n_shards].contiguous() for name, t in tables.items()})
+    def from_full(cls, tables: Mapping[str, torch.Tensor], shard: int, n_shards: int,
+                  owners: Mapping[str, Owner] | None = None) -> "DenseShard":
+        """Rank ``shard``'s rows of full tables, by ``owners[name]`` (default: ``row % n_shards``)."""
+        out = {}
+        for name, t in tables.items():
+            o = (owners or {}).get(name) or RowModN(t.shape[0], n_shards)
+            out[name] = t[o.global_index(torch.arange(o.shard_rows(shard), device=t.device), shard)].contiguous()
+        return cls(out)
 
-    def lookup(self, table: str, row_ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, table: str, row_ids: torch.Tensor, *, dequantize: bool = False) -> torch.Tensor:  # noqa: ARG002
+        """The stored rows (a dense shard holds rows as they are: nothing to decode)."""
         return self._tables[table][row_ids]
 
     def close(self) -> None:
@@ -142,7 +158,8 @@ class ShardedStore:
         self._closed = False
 
     def _check_same_layout(self, layout_id: str | None) -> None:
-        mine = [layout_id, sorted((k, v.rows, v.dim, str(v.dtype)) for k, v in self.tables.items())]
+        mine = [layout_id, sorted((k, v.rows, v.dim, str(v.dtype), v.row_format,
+                                   None if v.owner is None else v.owner.describe()) for k, v in self.tables.items())]
         gathered: list = [None] * dist.get_world_size(self._own_group)
         dist.all_gather_object(gathered, mine, group=self._own_group)
         if any(g != mine for g in gathered):
@@ -152,10 +169,14 @@ class ShardedStore:
             )
 
     # -- lookups
-    def prefetch(self, table: str, row_ids: torch.Tensor) -> ShardedHandle:
+    def prefetch(self, table: str, row_ids: torch.Tensor, *, dequantize: bool = True) -> ShardedHandle:
         """Start fetching global ``row_ids`` (any shape) of ``table``; returns at once.
-        Collective: every rank must call it for the same table, in the same order."""
+        Collective: every rank must call it for the same table, in the same order.
+
+        Rows of a row format (V4.1's packed fp8) cross the exchange packed (fewer bytes) and are
+        decoded on this rank's device after it, or returned packed with ``dequantize=False``."""
         info = self._info(table)
+        decode = bool(dequantize) and info.row_format is not None
         ids = as_id_tensor(row_ids, info.rows, table)
         with self._lock:
             if self._closed:
@@ -164,25 +185,28 @@ class ShardedStore:
                 raise PeerFailureError(f"rank {self.rank}: an earlier exchange failed ({self._failed}); "
                                        "the sharded store cannot be used any more, restart all ranks")
             started = time.perf_counter()
-            fut = self._pool.submit(self._run, table, ids.reshape(-1), started)
-        return ShardedHandle(fut, tuple(ids.shape), info.dim, self.rank, table, started, self.timeout + 5.0)
+            fut = self._pool.submit(self._run, table, ids.reshape(-1), started, decode)
+        return ShardedHandle(fut, tuple(ids.shape), info.out_dim if decode else info.dim, self.rank, table, started,
+                             self.timeout + 5.0)
 
-    def lookup(self, table: str, row_ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, table: str, row_ids: torch.Tensor, *, dequantize: bool = True) -> torch.Tensor:
         """Synchronous :meth:`prefetch` + ``wait``."""
-        return self.prefetch(table, row_ids).wait()
+        return self.prefetch(table, row_ids, dequantize=dequantize).wait()
 
     def table(self, name: str) -> "_ShardedTableView":
         """An object with the MemoryTable protocol (rows, dim, prefetch) for EngramLM.set_memory."""
         info = self._info(name)
-        return _ShardedTableView(self, name, info.rows, info.dim)
+        return _ShardedTableView(self, name, info.rows, info.out_dim)
 
-    def _run(self, table: str, flat: torch.Tensor, started: float) -> torch.Tensor:
+    def _run(self, table: str, flat: torch.Tensor, started: float, decode: bool = False) -> torch.Tensor:
         ex = self._exchange
+        info = self.tables[table]
         try:
-            route = ex.route(flat, table_tag(table))
-            served = self.local.lookup(table, route.recv_local.to(self.device) if self.device.type != "cpu"
-                                       else route.recv_local)
-            rows = ex.return_rows(route, served.reshape(-1, self.tables[table].dim))
+            route = ex.route(flat, table_tag(table), info.owner)
+            local_ids = route.recv_local.to(self.device) if self.device.type != "cpu" else route.recv_local
+            served = (self.local.lookup(table, local_ids, dequantize=False) if info.row_format is not None
+                      else self.local.lookup(table, local_ids))
+            rows = ex.return_rows(route, served.reshape(-1, info.dim))
         except CollectiveOrderError as exc:
             self._failed = exc
             raise
@@ -192,7 +216,8 @@ class ShardedStore:
             err = peer_failure(self.rank, f"prefetch({table!r}) exchange #{ex.seq}", exc, started)
             self._failed = err
             raise err from exc
-        return rows.to(self.device)
+        rows = rows.to(self.device)
+        return fp8_rows.dequantize(rows) if decode else rows
 
     def _info(self, table: str) -> ShardedTableInfo:
         try:
@@ -253,6 +278,7 @@ def open_sharded(
 ) -> ShardedStore:
     """Open this rank's shard of ``path`` (collective). The world size of ``group`` must
     equal the number of shards; ``hbm_bytes``/``dram_bytes`` are per rank."""
+    device = resolve_device(device)  # DeviceError before the layout or any shard is opened
     root = Path(path)
     layout = read_layout(root)
     n = int(layout["n_shards"])
@@ -270,8 +296,7 @@ def open_sharded(
                               fingerprint=fingerprint if fingerprint is not None else layout.get("fingerprint"))
     try:
         check_shard_manifest(local, layout, rank, d)
-        tables = {name: ShardedTableInfo(int(m["rows"]), int(m["dim"]), getattr(torch, m["dtype"]))
-                  for name, m in layout["tables"].items()}
+        tables = table_infos(layout)
         return ShardedStore(local, tables, group=group, device=device, timeout=timeout, layout_id=layout["layout_id"])
     except BaseException:
         local.close()

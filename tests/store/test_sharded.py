@@ -528,3 +528,280 @@ def test_cuda_shards_match_cpu(backend, world):
     share a GPU (rows on the device, exchange through the host)."""
     results = run_ranks(world, _rank_cuda_lookups, backend=backend)
     assert all(r["checked"] > 100 and r["backend"] == backend for r in results.values())
+
+
+# ----------------------------------------------------------------------------- head_ranges owners, streaming
+
+
+HEAD_ROWS = {"layer1": [100, 301, 2, 600], "layer2": [17, 200, 150, 150], "layer3": [10, 20, 30, 10]}
+TRAIN_HEADS = [20, 31, 25, 25]  # the 101-row training table as 4 heads
+
+
+def _head_owners(world):
+    from engram_store.sharded import HeadRanges
+
+    return {n: HeadRanges(h, world) for n, h in HEAD_ROWS.items()}
+
+
+def test_head_ranges_split_whole_heads():
+    from engram_store.sharded import HeadRanges, make_owner, split_heads
+
+    assert split_heads(24, 4) == [(0, 6), (6, 12), (12, 18), (18, 24)]  # V4.1: 6 of a layer's 24 heads per rank
+    assert split_heads(5, 2) == [(0, 3), (3, 5)]  # uneven: the first K % W ranks get one more
+    heads = [7, 3, 5, 11, 2]
+    o = HeadRanges(heads, 2)
+    assert o.ranges == [(0, 15), (15, 28)] and o.rows == 28
+    rows = torch.arange(28)
+    own, loc = o.owner_of(rows), o.local_index(rows)
+    # plain-loop reference: the head each row falls in, and that head's rank
+    starts = np.cumsum([0] + heads)
+    for r in range(28):
+        head = int(np.searchsorted(starts, r, side="right") - 1)
+        rank = 0 if head < 3 else 1
+        assert int(own[r]) == rank and int(loc[r]) == r - (0 if rank == 0 else 15)
+    for s in range(2):
+        mine = rows[own == s]
+        assert mine.numel() == o.shard_rows(s)
+        assert torch.equal(o.global_index(o.local_index(mine), s), mine)
+    with pytest.raises(EngramStoreError, match="only 5 heads"):
+        HeadRanges(heads, 6)
+    with pytest.raises(EngramStoreError, match="head_rows"):
+        make_owner("head_ranges", 28, 2, None, "t")
+    with pytest.raises(EngramStoreError, match="sum to 28"):
+        make_owner("head_ranges", 29, 2, heads, "t")
+    with pytest.raises(EngramStoreError, match="unknown owner function"):
+        make_owner("contiguous", 28, 2, heads, "t")
+
+
+def _reference_shard(t, order, owner, s):
+    """Shard ``s``'s rows in its rank order, by a plain loop over the global order (today's rule:
+    each shard keeps its rows in the global rank order)."""
+    o = range(t.shape[0]) if order is None else order.tolist()
+    mine = [row for row in o if int(owner.owner_of(torch.tensor(row))) == s]
+    return t[torch.tensor(mine, dtype=torch.int64)]
+
+
+@needs_core
+@pytest.mark.parametrize("owner", ["row_mod_n", "head_ranges"])
+@pytest.mark.parametrize("with_order", [False, True])
+def test_streaming_write_and_join_equal_reference(tmp_path, owner, with_order):
+    """Tiny chunks and buckets (the two-pass permutation with many buckets) against a plain loop."""
+    from engram_store.sharded import join_shards, make_owner, owners_of, write_shards
+
+    full = _full_tables()
+    g = torch.Generator().manual_seed(9)
+    order = {n: torch.randperm(t.shape[0], generator=g) for n, t in full.items()} if with_order else None
+    world = 3 if owner == "row_mod_n" else 2
+    ticks = []
+    path = write_shards(tmp_path / "s", full, order, world, owner=owner,
+                        head_rows=HEAD_ROWS if owner == "head_ranges" else None,
+                        chunk_bytes=700, bucket_bytes=1000, progress=ticks.append)
+    assert sum(ticks) == sum(t.numel() * t.element_size() for t in full.values()) * (2 if with_order else 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no scratch or partial directory left
+    layout = read_layout(path)
+    assert layout["owner"] == owner
+    owners = owners_of(layout)
+    for n, t in full.items():
+        assert owners[n] == make_owner(owner, t.shape[0], world, HEAD_ROWS[n], n)
+        if owner == "head_ranges":
+            assert layout["tables"][n]["ranges"] == [list(r) for r in owners[n].ranges]
+    for s in range(world):
+        with engram_store.open(path / f"shard-{s}-of-{world}", device="cpu") as shard:
+            for n, t in full.items():
+                want = _reference_shard(t, None if order is None else order[n], owners[n], s)
+                assert torch.equal(_bits(shard.read_ranks(n, 0, want.shape[0])), _bits(want)), (n, s)
+    joined = join_shards(path, chunk_bytes=300, bucket_bytes=900)
+    assert all(torch.equal(_bits(joined[n]), _bits(full[n])) for n in full)
+    chunks = []
+    join_shards(path, sink=lambda n, a, b, rows: chunks.append((n, a, b, rows.clone())), bucket_bytes=900)
+    for n, t in full.items():
+        got = [c for c in chunks if c[0] == n]
+        assert [c[1] for c in got] == [0] + [c[2] for c in got[:-1]] and got[-1][2] == t.shape[0]
+        assert torch.equal(_bits(torch.cat([c[3] for c in got])), _bits(t))
+    rank = {n: torch.randperm(t.shape[0], generator=g) for n, t in full.items()}
+    out = join_shards(path, tmp_path / "joined", order=rank, bucket_bytes=900)
+    with engram_store.open(out, device="cpu") as one:
+        for n, t in full.items():
+            assert torch.equal(_bits(one.read_ranks(n, 0, t.shape[0])), _bits(t[rank[n]]))
+            assert torch.equal(_bits(one.lookup(n, torch.arange(t.shape[0]))), _bits(t))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["joined", "s"]
+
+
+@needs_core
+def test_streaming_write_failure_leaves_old_store(tmp_path):
+    """A source that fails halfway: nothing half-written, the old sharded store intact, no leftovers."""
+    from engram_store.sharded import RangeSource, TableSpec, join_shards, write_shards
+
+    full = _full_tables()
+    path = write_shards(tmp_path / "s", full, None, 2)
+
+    def read(name, a, b):
+        if a > 500:
+            raise OSError("disk went away")
+        return full[name][a:b]
+
+    source = RangeSource({n: TableSpec(t.shape[0], t.shape[1], t.dtype) for n, t in full.items()}, read)
+    order = {"layer1": torch.randperm(1003)}
+    for o in (None, order):
+        with pytest.raises(OSError, match="went away"):
+            write_shards(path, source, o, 4, owner="head_ranges", head_rows=HEAD_ROWS, chunk_bytes=1000,
+                         bucket_bytes=2000, overwrite=True)
+        assert read_layout(path)["n_shards"] == 2
+        assert all(torch.equal(_bits(v), _bits(full[k])) for k, v in join_shards(path).items())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    bad = RangeSource({"layer1": TableSpec(1003, 8, torch.float32)}, lambda n, a, b: full["layer2"][a:b])
+    with pytest.raises(EngramStoreError, match="the source gave"):
+        write_shards(tmp_path / "t", bad, None, 2)
+    with pytest.raises(EngramStoreError, match="head_rows"):
+        write_shards(tmp_path / "t", full, None, 2, owner="head_ranges")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_head_ranges_layout_tampering_is_refused(tmp_path):
+    from engram_store.errors import StoreCorruptError
+
+    base = {"format": "engram-store-shards", "version": 1, "n_shards": 2, "owner": "head_ranges", "layout_id": "x",
+            "tables": {"t": {"rows": 28, "dim": 4, "dtype": "float32", "head_rows": [7, 3, 5, 11, 2],
+                             "ranges": [[0, 15], [15, 28]]}}}
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps(base))
+    assert read_layout(tmp_path)["owner"] == "head_ranges"
+    for change in ({"ranges": [[0, 10], [10, 28]]}, {"head_rows": [7, 3, 5, 11]}, {"head_rows": "x"},
+                   {"rows": 30}, {"ranges": None}):
+        bad = json.loads(json.dumps(base))
+        bad["tables"]["t"].update(change)
+        (tmp_path / LAYOUT_FILE).write_text(json.dumps(bad))
+        with pytest.raises(StoreCorruptError, match="rebuild"):
+            read_layout(tmp_path)
+
+
+# -- V4.1-format checkpoint, sharded by whole heads
+
+V41_VOCAB = 1000  # 24 heads x ~1k rows per layer
+
+
+@pytest.fixture(scope="module")
+def v41_sharded(tmp_path_factory):
+    """A generated V4.1 checkpoint built as a 4-way head_ranges sharded store (rank order from counts)
+    through the pipeline, the path of `engram-store build --checkpoint HF --shards 4 --owner head_ranges`."""
+    from engram_pipeline.build import build_from_checkpoint
+    from engram_pipeline.counts import Counts
+    from engram_pipeline.hf_checkpoint import open_hf_checkpoint
+    from engram_pipeline.v41_checkpoint import write_v41_checkpoint
+
+    root = tmp_path_factory.mktemp("v41s")
+    ckpt = root / "ckpt"
+    write_v41_checkpoint(ckpt, engram_vocab_size=V41_VOCAB, progress=False)
+    with open_hf_checkpoint(ckpt) as ck:
+        rng = np.random.default_rng(0)
+        tables = {n: rng.zipf(1.3, t.rows).clip(0, 10_000).astype(np.uint32) for n, t in ck.tables.items()}
+        counts = Counts(ck.fingerprint, tables, ck.hash_config.to_dict(), {n: 264 for n in tables}, 1, 1)
+        primes = ck.hasher().primes
+    report = build_from_checkpoint(ckpt, counts, root / "sharded", hbm_bytes=0, dram_bytes=1 << 20, shards=4,
+                                   owner="head_ranges", progress=False)
+    return {"ckpt": ckpt, "store": root / "sharded", "counts": counts, "primes": primes, "report": report}
+
+
+@needs_core
+def test_v41_sharded_build_by_heads_equals_generator(v41_sharded):
+    from engram_pipeline.v41_checkpoint import expected_rows
+    from engram_store.format.fp8_rows import FORMAT_NAME
+    from engram_store.sharded import owners_of
+
+    path, ckpt = v41_sharded["store"], v41_sharded["ckpt"]
+    layout = read_layout(path)
+    assert layout["owner"] == "head_ranges" and layout["n_shards"] == 4 and v41_sharded["report"]["shards"] == 4
+    owners = owners_of(layout)
+    g = np.random.default_rng(1)
+    for name, m in layout["tables"].items():
+        assert m["row_format"] == FORMAT_NAME and m["dim"] == 264 and m["dtype"] == "uint8"
+        heads = [p for per_order in v41_sharded["primes"][int(name.removeprefix("layer"))] for p in per_order]
+        starts = np.cumsum([0] + heads)
+        # rank r owns heads 6r..6r+5: rows [offset[6r], offset[6r + 6])
+        assert m["ranges"] == [[int(starts[6 * r]), int(starts[6 * r + 6])] for r in range(4)]
+        order = v41_sharded["counts"].order(name)
+        for s in range(4):
+            with engram_store.open(path / f"shard-{s}-of-4", device="cpu") as shard:
+                a, b = m["ranges"][s]
+                ids = torch.from_numpy(g.integers(a, b, 2000))
+                got = shard.lookup(name, ids - a, dequantize=False)
+                assert torch.equal(got, expected_rows(ckpt, name, ids)), (name, s)
+                # rank order inside the shard: the counts' order restricted to the shard's rows
+                mine = order[(order >= a) & (order < b)]
+                assert torch.equal(shard.read_ranks(name, 0, 500), expected_rows(ckpt, name, mine[:500]))
+
+
+def _rank_head_ranges(rank, world, steps, paths, v41):
+    """head_ranges at ``world`` ranks: dense shards and real shard stores against plain indexing, the
+    V4.1 sharded store against the generator (packed and decoded), and training the table by heads."""
+    from engram_model.sharded_table import ShardedEmbedding
+    from engram_store.format.fp8_rows import dequantize
+    from engram_store.sharded import HeadRanges
+
+    full = _full_tables()
+    owners = _head_owners(world)
+    infos = {n: ShardedTableInfo(t.shape[0], t.shape[1], t.dtype, owners[n]) for n, t in full.items()}
+    out = {}
+    with ShardedStore(DenseShard.from_full(full, rank, world, owners), infos, timeout=20) as store:
+        out["dense"] = _check_lookups(store, full, rank, steps=4)
+        st = store.stats()["exchange"]
+        # a rank's ids inside its own heads never leave it (the point of head ranges)
+        a, b = owners["layer1"].ranges[rank]
+        before = store.stats()["exchange"]["bytes_sent"]
+        assert torch.equal(store.lookup("layer1", torch.arange(a, b)), full["layer1"][a:b])
+        out["own_heads_bytes"] = store.stats()["exchange"]["bytes_sent"] - before - 24 * (world - 1)
+        out["bytes_sent"] = st["bytes_sent"]
+    for backend, path in paths.items():
+        with open_sharded(path, timeout=20) as store:
+            out[backend] = _check_lookups(store, full, rank, steps=3)
+    if v41 is not None:
+        from engram_pipeline.v41_checkpoint import expected_rows
+
+        with open_sharded(v41, timeout=20) as store:
+            n = 0
+            for name, info in store.tables.items():
+                ids = torch.randint(0, info.rows, (3, 700), generator=torch.Generator().manual_seed(rank))
+                packed = store.lookup(name, ids, dequantize=False)
+                want = expected_rows(v41.parent / "ckpt", name, ids)
+                assert torch.equal(packed, want), name
+                assert torch.equal(_bits(store.lookup(name, ids)), _bits(dequantize(want))), name
+                n += ids.numel()
+            out["v41"] = n
+    out["table"] = {}
+    for lazy in (True, False):
+        table = ShardedEmbedding(101, 6, seed=3, lr=0.05, lazy=lazy, timeout=20, owner=HeadRanges(TRAIN_HEADS, world))
+        assert table.local_weight.shape[0] == table.owner.shard_rows(rank)
+        for step in range(steps):
+            ids, target = _train_batch(rank, step)
+            ((table(ids) - target) ** 2).mean().backward()
+            table.step()
+            table.zero_grad()
+        out["table"][lazy] = table.full_weight().numpy()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])  # 4 ranks: ~50 s on 2 cores
+def test_head_ranges_lookups_and_training_equal_one_process(tmp_path, world, request):
+    """head_ranges next to the row_mod_n tests above: lookups bit for bit (dense shards, mmap and lmdb
+    shard stores, and at 4 ranks the V4.1 store sharded by whole heads) and training equal to one process."""
+    from engram_store.sharded import write_shards
+
+    steps = 4
+    paths = {}
+    if HAVE_CORE:
+        full = _full_tables()
+        order = {n: torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(5)) for n, t in full.items()}
+        for backend in ("mmap", "lmdb"):
+            paths[backend] = str(write_shards(tmp_path / backend, full, order, world, owner="head_ranges",
+                                              head_rows=HEAD_ROWS, backend=backend))
+    v41 = request.getfixturevalue("v41_sharded")["store"] if HAVE_CORE and world == 4 else None
+    results = run_ranks(world, _rank_head_ranges, steps, paths, v41, timeout=150)
+    for lazy in (True, False):
+        want = _reference_table_training(world, lazy, steps)
+        for r in results.values():
+            torch.testing.assert_close(torch.from_numpy(r["table"][lazy]), want, rtol=1e-5, atol=1e-6)
+    for r in results.values():
+        assert r["dense"] == 138 and r["bytes_sent"] > 0 and r["own_heads_bytes"] == 0
+        assert all(r[b] == 123 for b in paths)
+        if v41 is not None:
+            assert r["v41"] == 2 * 2100
