@@ -7,7 +7,9 @@ plan every table gets a share proportional to its size. A table's HBM tier is
 ``min(rows, share // row_bytes)`` ranks, its DRAM tier ``min(rows - H, share // row_bytes)``
 slots; a budget larger than the tables is clamped, never an error. What is actually
 allocated must fit what psutil (and, on CUDA, ``torch.cuda.mem_get_info``) says is
-available, else :class:`BudgetError` — before anything is allocated.
+available, else :class:`BudgetError` — before anything is allocated. The device itself is checked
+first (:func:`resolve_device`): a device the machine lacks is a :class:`DeviceError`, not torch's
+bare assertion from deep inside the first allocation.
 """
 
 from __future__ import annotations
@@ -15,8 +17,42 @@ from __future__ import annotations
 import psutil
 import torch
 
-from engram_store.errors import BudgetError
+from engram_store.errors import BudgetError, DeviceError
 from engram_store.format import TableInfo
+
+
+def resolve_device(device) -> torch.device:
+    """The store's device: None -> ``cuda`` (its current index) when CUDA is usable, else ``cpu``.
+
+    A store serves on ``cpu`` or ``cuda[:N]``. Anything else, ``cuda`` on a torch build or machine
+    without CUDA, and ``cuda:N`` past the device count raise :class:`DeviceError` naming the device and
+    what to do; nothing is opened or allocated before this check.
+    """
+    if device is None:
+        return resolve_device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, (str, torch.device)):
+        raise DeviceError(f"device must be a string such as 'cpu' or 'cuda:0' (or a torch.device), got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise DeviceError(f"device {device!r} is not a device string torch understands ({e}); "
+                          "use device='cpu' or device='cuda[:N]'") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise DeviceError(f"device {str(dev)!r}: a store serves on 'cpu' or 'cuda[:N]'; use device='cpu' "
+                          "(or a CUDA GPU with device='cuda')")
+    if not torch.cuda.is_available():
+        why = ("this torch build has no CUDA" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES?)")
+        raise DeviceError(f"device {str(dev)!r} was asked for, but {why}: use device='cpu', or install a CUDA "
+                          "build of torch on a machine with an NVIDIA GPU")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    if not 0 <= index < count:
+        raise DeviceError(f"device {str(dev)!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+                          "pick one of them, or use device='cpu'")
+    return torch.device("cuda", index)
 
 
 def _shares(infos: dict[str, TableInfo], total: int, fractions: dict[str, float]) -> dict[str, int]:

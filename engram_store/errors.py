@@ -52,6 +52,11 @@ class BudgetError(EngramStoreError):
     """A memory budget the machine (or the device) cannot honour."""
 
 
+class DeviceError(EngramStoreError):
+    """A device this machine or this torch build lacks (``cuda`` without CUDA, ``cuda:N`` past the count), or a
+    device string that names no device the store serves on."""
+
+
 class StoreClosedError(EngramStoreError, RuntimeError):
     """An operation on a store that has been closed."""
 

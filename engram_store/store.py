@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engram_store.budget import check_budget, plan_rows
+from engram_store.budget import check_budget, plan_rows, resolve_device
 from engram_store.disk import open_disk
 from engram_store.errors import (
     EngramStoreError, FingerprintMismatchError, InvalidRowIdsError, InvalidValuesError, StoreClosedError,
@@ -76,6 +76,7 @@ class TieredStore:
     def __init__(self, path, *, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: str | None = None,
                  fingerprint: str | None = None, io_threads: int = 8, job_threads: int = 4,
                  verify_reads: bool = True, tier_plan: dict | None = None, hit_threads: int | None = None) -> None:
+        device = resolve_device(device)  # DeviceError before anything is opened (not torch's bare assertion)
         self.path = Path(path)
         manifest = read_manifest(self.path)
         self.manifest = manifest
