@@ -4,6 +4,11 @@ Used by ``engram-store verify``. The store's own disk backend reads every table 
 checksum verification on, through the same "read a range, skipping corrupt blocks" as the
 store's warm-up (:meth:`engram_store.disk.blocks.BlockDisk.read_range_valid`): the blocks it
 leaves out are the bad ones, each named, not only the first.
+
+It also lists the store's *leftovers*: sibling directories a writer of this path makes
+(``.<name>.partial-*``, ``.<name>.old-*``, an import's ``.<name>.<table>.import-*`` scratch) that a
+killed writer left behind. They never open as the store and do not make it bad; the next write of
+the path removes those whose writer is dead, and each is reported as in use or not.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from tqdm import tqdm
 from engram_store.disk import open_disk
 from engram_store.errors import EngramStoreError
 from engram_store.format import load_remap, read_manifest, table_info
+from engram_store.format.commit import is_locked, leftover_kind
 
 _BLOCKS_PER_READ = 256  # progress granularity; memory is bounded by the disk reader's own chunks
 _IO_THREADS = 4
@@ -27,6 +33,8 @@ class VerifyReport:
     path: str
     tables: dict[str, dict] = field(default_factory=dict)  # name -> {"blocks": n, "bad": [block, ...]}
     errors: list[str] = field(default_factory=list)  # problems that stop the store from opening
+    # sibling directories of writers: {"path", "kind" (partial / old / scratch), "in_use" (a live writer's)}
+    leftovers: list[dict] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -40,6 +48,7 @@ def verify_store(path, *, progress: bool = True) -> VerifyReport:
     """Verify the store at ``path``; never raises for corruption, reports it."""
     report = VerifyReport(str(path))
     path = Path(path)
+    report.leftovers = find_leftovers(path)
     pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="engram-verify")
     try:
         manifest = read_manifest(path)
@@ -67,3 +76,15 @@ def verify_store(path, *, progress: bool = True) -> VerifyReport:
         pool.shutdown(wait=True)  # no read still running when the disk closes
         disk.close()
     return report
+
+
+def find_leftovers(path) -> list[dict]:
+    """The writer siblings of store path ``path`` (see the module docstring), sorted by name."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    found = [(d, leftover_kind(path, d)) for d in sorted(parent.iterdir())]
+    found = [(d, k, is_locked(d)) for d, k in found if k is not None and d.is_dir()]
+    writing = any(k == "partial" and locked for _, k, locked in found)  # a scratch dir lives with its partial
+    return [{"path": str(d), "kind": k, "in_use": writing if k == "scratch" else locked} for d, k, locked in found]

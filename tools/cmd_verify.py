@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
             lo = b * t["block_rows"]
             print(f"BAD table {name} block {b} (ranks {lo}..{lo + t['block_rows'] - 1}): checksum mismatch")
         print(f"table {name}: {t['blocks']} blocks, {len(t['bad'])} bad")
+    for left in report.leftovers:
+        state = "in use by a running writer" if left["in_use"] else "left by a killed writer; the next write removes it"
+        print(f"LEFTOVER {left['kind']} directory {left['path']} ({state})")
     print(json.dumps({"store": report.path, "ok": report.ok, "errors": report.errors,
-                      "bad_blocks": [[n, b] for n, b in report.bad_blocks()]}))
+                      "bad_blocks": [[n, b] for n, b in report.bad_blocks()], "leftovers": report.leftovers}))
     return 0 if report.ok else 1

@@ -12,7 +12,10 @@ directory is removed and the old store stays at the path, whole.
 
 A writer holds an ``flock`` on its partial directory while it exists, so a later writer to the same
 target can tell the partial directories of writers that died (unlocked: removed) from those of
-writers still running (locked: left alone).
+writers still running (locked: left alone). A writer's scratch directories beside the target (an
+import's ``.<name>.<table>.import-<random>`` bucket files) live only while its partial directory
+does, so they are a dead writer's when no partial directory of the target is locked, and are swept
+then.
 """
 
 from __future__ import annotations
@@ -81,18 +84,45 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+SCRATCH_MARK = ".import-"  # in a scratch directory's name: .<name>.<tag>.import-<random>
+
+
+def leftover_kind(target: Path, d: Path) -> str | None:
+    """"partial", "old" or "scratch" when ``d``'s name is one of ``target``'s writer siblings, else None."""
+    name, pre = d.name, f".{Path(target).name}."
+    if not name.startswith(pre):
+        return None
+    rest = name[len(pre):]
+    if rest.startswith("partial-"):
+        return "partial"
+    if rest.startswith("old-"):
+        return "old"
+    return "scratch" if SCRATCH_MARK in rest else None
+
+
+def is_locked(d: Path) -> bool:
+    """True while a running writer holds ``d``'s flock (False for a dead writer's directory, or none)."""
+    fd = _try_lock(d)
+    if fd is None:
+        return Path(d).exists()
+    os.close(fd)
+    return False
+
+
 def sweep_stale(target: Path) -> list[Path]:
-    """Remove the leftovers of dead writers to ``target``: unlocked ``.<name>.partial-*`` siblings, and
-    ``.<name>.old-*`` ones when ``target`` itself exists (else an old copy may be the only store)."""
+    """Remove the leftovers of dead writers to ``target``: unlocked ``.<name>.partial-*`` siblings,
+    ``.<name>.old-*`` ones when ``target`` itself exists (else an old copy may be the only store), and
+    scratch ones (``.<name>.<tag>.import-*``) when no writer of ``target`` is running."""
     target = Path(target)
     parent = target.parent
     if not parent.is_dir():
         return []
     removed = []
-    for d in parent.iterdir():
-        partial = d.name.startswith(f".{target.name}.partial-")
-        old = d.name.startswith(f".{target.name}.old-") and target.exists()
-        if not (partial or old) or not d.is_dir():
+    siblings = [(d, leftover_kind(target, d)) for d in parent.iterdir()]
+    writing = any(k == "partial" and is_locked(d) for d, k in siblings)
+    for d, kind in siblings:
+        if (kind is None or (kind == "old" and not target.exists()) or (kind == "scratch" and writing)
+                or not d.is_dir()):
             continue
         fd = _try_lock(d)
         if fd is None:
