@@ -268,20 +268,157 @@ def _hash_batches(ckpt, chunks, batch: int, order: str = "in-order", seed: int =
             yield {f"layer{L}": r.numpy() for L, r in ckpt.hasher.row_ids(ids).items()}
 
 
+class _RowCounter:
+    """Per-table access counts of hashed training batches, without a pass over the table per batch.
+
+    Ids are buffered and counted in chunks of ``chunk`` ids: dense (one ``bincount`` per chunk)
+    for tables that fit comfortably in memory, sparse (sorted distinct rows and their counts, merged
+    per chunk) for huge ones such as V4.1's 384 M-row tables, whose dense int64 counts alone would
+    take 3 GB each.
+    """
+
+    def __init__(self, rows: dict[str, int], sparse: bool, chunk: int = 1 << 24) -> None:
+        self.rows, self.sparse, self.chunk = rows, sparse, chunk
+        self._buf: dict[str, list[np.ndarray]] = {t: [] for t in rows}
+        self._n = dict.fromkeys(rows, 0)
+        self.dense = None if sparse else {t: np.zeros(n, dtype=np.int64) for t, n in rows.items()}
+        self.keys = {t: np.empty(0, np.int64) for t in rows}
+        self.counts = {t: np.empty(0, np.int64) for t in rows}
+        self.total = 0
+
+    def add(self, table: str, ids: np.ndarray) -> None:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self._buf[table].append(ids)
+        self._n[table] += ids.size
+        self.total += ids.size
+        if self._n[table] >= self.chunk:
+            self._flush(table)
+
+    def _flush(self, table: str) -> None:
+        if not self._buf[table]:
+            return
+        ids = np.concatenate(self._buf[table])
+        self._buf[table], self._n[table] = [], 0
+        if not self.sparse:
+            self.dense[table] += np.bincount(ids, minlength=self.rows[table])
+            return
+        k, c = np.unique(ids, return_counts=True)
+        if self.keys[table].size:
+            k, inv = np.unique(np.concatenate([self.keys[table], k]), return_inverse=True)
+            c = np.bincount(inv, weights=np.concatenate([self.counts[table], c]), minlength=k.size).astype(np.int64)
+        self.keys[table], self.counts[table] = k, c.astype(np.int64)
+
+    def finish(self) -> None:
+        for t in self.rows:
+            self._flush(t)
+
+
+def _compact(requests: list[tuple[str, np.ndarray]], counter: _RowCounter):
+    """Renumber each table's trace ids to the rows the trace touches (in row order), with each one's
+    training count and its frequency rank in the whole table (zero-count rows rank by row id)."""
+    id_space, counts, ranks, out = {}, {}, {}, []
+    universe = {}
+    for t in counter.rows:
+        reqs = [ids for tt, ids in requests if tt == t]
+        u = np.unique(np.concatenate(reqs)) if reqs else np.empty(0, np.int64)
+        ck, cc = counter.keys[t], counter.counts[t]
+        by_rank = np.lexsort((ck, -cc))  # counted rows: most counts first, ties by row id
+        rank_counted = np.empty(ck.size, dtype=np.int64)
+        rank_counted[by_rank] = np.arange(ck.size, dtype=np.int64)
+        i = np.searchsorted(ck, u)  # counted rows below each trace row
+        j = np.minimum(i, max(ck.size - 1, 0))
+        hit = (i < ck.size) & (ck[j] == u) if ck.size else np.zeros(u.size, dtype=bool)
+        # a zero-count row ranks after every counted row, among the zero-count rows by row id
+        ranks[t] = np.where(hit, rank_counted[j] if ck.size else 0, ck.size + (u - i)).astype(np.int64)
+        counts[t] = np.where(hit, cc[j] if ck.size else 0, 0).astype(np.int64)
+        id_space[t] = int(u.size)
+        universe[t] = u
+    for t, ids in requests:
+        out.append((t, np.searchsorted(universe[t], ids).astype(np.int64)))
+    return out, id_space, counts, ranks
+
+
+def hashed_text_trace(source, files: Sequence, corpus_name: str, *, held_out_fraction: float = 0.1, batch: int = 8,
+                      seq_len: int = 256, max_tokens: int | None = 400_000, max_train_tokens: int | None = None,
+                      counts=None, order: str = "streams", seed: int = 0, compact: bool = False,
+                      name: str | None = None, meta: dict | None = None) -> Trace:
+    """Held-out trace of ``files`` through ``source``'s tokenizer, compression and hash config.
+
+    ``source`` has ``tokenizer`` (``tokenizers.Tokenizer``), ``compression``, ``hasher``
+    (``NgramHasher``) and ``fingerprint`` (a loaded checkpoint has them). Files are split by path
+    hash (``engram_model.corpus.split_files``); the held-out part (at most about ``max_tokens``
+    tokens) becomes the trace, per-row counts come from the training part (at most about
+    ``max_train_tokens`` tokens) hashed the same way, counted in chunks (:class:`_RowCounter`),
+    or from ``counts`` (a ``Counts`` object or ``{table: array}``). ``compact``: number each
+    table's ids by the rows the trace touches (for tables too large for per-row arrays; see
+    :class:`Trace`). ``order``: how held-out pieces of ``seq_len`` tokens form batches.
+    """
+    from engram_model.corpus import iter_texts, split_files
+
+    if not files:
+        raise EngramStoreError(f"corpus {corpus_name} holds no files: name files or folders of text")
+    train_files, held_files = split_files(files, held_out_fraction)
+    if not held_files:
+        raise EngramStoreError(f"corpus {corpus_name}: the held-out split is empty ({len(files)} files); "
+                               "give more files or a larger held-out fraction")
+    layers = list(source.hasher.config.layer_ids)
+    rows = {f"layer{L}": int(source.hasher.table_rows[L]) for L in layers}
+    batches = _hash_batches(source, _token_chunks(source, iter_texts(held_files), seq_len, max_tokens), batch,
+                            order, seed)
+    requests, issued = [], 0
+    for b in batches:
+        for table, ids, n in _requests_from_batch(b):
+            requests.append((table, ids))
+            issued += n
+    if not requests:
+        raise EngramStoreError(f"the held-out part of {corpus_name} gives an empty trace (fewer than "
+                               f"{batch} sequences of {seq_len} tokens): give more text or smaller --batch/--seq-len")
+    counter = _RowCounter(rows, sparse=compact)
+    if counts is None:
+        for b in _hash_batches(source, _token_chunks(source, iter_texts(train_files), seq_len, max_train_tokens), 64):
+            for t, r in b.items():
+                counter.add(t, r)
+        counter.finish()
+        counts_fp = source.fingerprint
+        train_accesses = counter.total
+    else:
+        tables = dict(getattr(counts, "tables", counts))
+        counts_fp = getattr(counts, "fingerprint", source.fingerprint)
+        train_accesses = int(sum(int(np.asarray(c).sum()) for c in tables.values()))
+        if compact:
+            for t, c in tables.items():
+                c = np.asarray(c)
+                counter.keys[t] = np.flatnonzero(c)
+                counter.counts[t] = c[counter.keys[t]].astype(np.int64)
+        else:
+            counter.dense = tables
+    if counts_fp != source.fingerprint:
+        raise FingerprintMismatchError(
+            f"counts were made for hash config {counts_fp[:12]}…, but {corpus_name}'s trace is hashed with "
+            f"{source.fingerprint[:12]}…: count the corpus again with this checkpoint")
+    id_space = ranks = None
+    if compact:
+        requests, id_space, tables, ranks = _compact(requests, counter)
+    else:
+        tables = counter.dense
+    meta = {"source": "text", "corpus": corpus_name, "held_out_fraction": held_out_fraction,
+            "train_files": len(train_files), "held_out_files": len(held_files), "batch": batch, "seq_len": seq_len,
+            "order": order, "steps": len(requests) // max(1, len(layers)), "train_accesses": train_accesses,
+            **(meta or {})}
+    return Trace(name or f"text:{corpus_name}", rows, requests, issued, tables, source.fingerprint, meta,
+                 id_space, ranks)
+
+
 def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike] | None = None, *,
                held_out_fraction: float = 0.1, batch: int = 8, seq_len: int = 256,
                max_tokens: int | None = 400_000, max_train_tokens: int | None = None, counts=None,
                order: str = "streams", seed: int = 0) -> Trace:
-    """Held-out real-text trace through ``checkpoint``'s own hash config.
+    """Held-out real-text trace through ``checkpoint``'s own hash config (:func:`hashed_text_trace`).
 
-    The corpus files (default: this Python's standard library) are split by path hash
-    (``engram_model.corpus.split_files``); the held-out part (at most ``max_tokens`` tokens)
-    becomes the trace, and per-row counts come from the training part hashed the same way
-    (or from ``counts``: a ``Counts`` object, whose fingerprint must match the checkpoint's).
-    ``order``: how held-out pieces of ``seq_len`` tokens form batches (see :func:`_hash_batches`).
+    Corpus: files and folders, or by default this Python's standard library.
     """
     from engram_model.checkpoint import load_checkpoint
-    from engram_model.corpus import iter_texts, split_files, stdlib_files
+    from engram_model.corpus import stdlib_files
 
     ckpt = load_checkpoint(checkpoint)
     if corpus:
@@ -292,37 +429,6 @@ def text_trace(checkpoint: str | os.PathLike, corpus: Sequence[str | os.PathLike
     else:
         files = stdlib_files()
         corpus_name = "stdlib"
-    if not files:
-        raise EngramStoreError(f"corpus {corpus_name} holds no files: name files or folders of text")
-    train_files, held_files = split_files(files, held_out_fraction)
-    if not held_files:
-        raise EngramStoreError(f"corpus {corpus_name}: the held-out split is empty ({len(files)} files); "
-                               "give more files or a larger held-out fraction")
-    layers = list(ckpt.hash_config.layer_ids)
-    rows = {f"layer{L}": int(ckpt.hasher.table_rows[L]) for L in layers}
-    batches = _hash_batches(ckpt, _token_chunks(ckpt, iter_texts(held_files), seq_len, max_tokens), batch, order, seed)
-    requests, issued = [], 0
-    for b in batches:
-        for table, ids, n in _requests_from_batch(b):
-            requests.append((table, ids))
-            issued += n
-    if not requests:
-        raise EngramStoreError(f"the held-out part of {corpus_name} gives an empty trace (fewer than "
-                               f"{batch} sequences of {seq_len} tokens): give more text or smaller --batch/--seq-len")
-    if counts is None:
-        tables = {t: np.zeros(n, dtype=np.int64) for t, n in rows.items()}
-        for b in _hash_batches(ckpt, _token_chunks(ckpt, iter_texts(train_files), seq_len, max_train_tokens), 1):
-            for t, r in b.items():
-                tables[t] += np.bincount(r.reshape(-1), minlength=rows[t])
-        counts_fp = ckpt.fingerprint
-    else:
-        tables = dict(getattr(counts, "tables", counts))
-        counts_fp = getattr(counts, "fingerprint", ckpt.fingerprint)
-    if counts_fp != ckpt.fingerprint:
-        raise FingerprintMismatchError(
-            f"counts were made for hash config {counts_fp[:12]}…, but checkpoint {checkpoint} has "
-            f"{ckpt.fingerprint[:12]}…: count the corpus again with this checkpoint")
-    meta = {"source": "text", "checkpoint": str(checkpoint), "corpus": corpus_name, "held_out_fraction": held_out_fraction,
-            "train_files": len(train_files), "held_out_files": len(held_files), "batch": batch, "seq_len": seq_len, "order": order,
-            "steps": len(requests) // max(1, len(layers)), "train_accesses": int(sum(int(c.sum()) for c in tables.values()))}
-    return Trace(f"text:{corpus_name}", rows, requests, issued, tables, ckpt.fingerprint, meta)
+    return hashed_text_trace(ckpt, files, corpus_name, held_out_fraction=held_out_fraction, batch=batch,
+                             seq_len=seq_len, max_tokens=max_tokens, max_train_tokens=max_train_tokens, counts=counts,
+                             order=order, seed=seed, meta={"checkpoint": str(checkpoint)})

@@ -185,6 +185,27 @@ class TieredStore:
                 fut.add_done_callback(t.inflight.discard)
         return Handle(fut, lambda: self._release_now(p), lambda: self._releases.append(p), t.stats)
 
+    def hint(self, table: str, row_ids) -> None:
+        """Announce the row ids of ``table``'s next prefetch not yet announced: a hint, not a fetch.
+
+        Call it once per upcoming prefetch, in order, ahead of the prefetches (a data loader
+        that has the next batches ready hints each one as it is made). The DRAM tier's eviction
+        and admission then keep the rows the announced batches need (``SlotPolicy.hint``);
+        holds on in-flight rows are unchanged, and a hit costs the same. HBM rows need no hint,
+        and a batch entirely in HBM is not announced (its prefetch never reaches the DRAM
+        policy). Thread-safe.
+        """
+        t = self._table(table)
+        ids = as_ids(row_ids, t.info.rows, t.name).reshape(-1)
+        with self._lock:
+            if self._closed:
+                raise StoreClosedError(f"store {str(self.path)!r} is closed")
+            policy = t.dram.policy
+            keys = np.unique(ids)
+            keys = keys[policy.slot_of[keys] > -2]  # HBM ids carry slot -2 - rank
+            if keys.size:
+                policy.hint(keys)
+
     def lookup(self, table: str, row_ids, *, dequantize: bool = True) -> torch.Tensor:
         """``prefetch(table, row_ids, dequantize=...).wait()``. Thread-safe."""
         return self.prefetch(table, row_ids, dequantize=dequantize).wait()

@@ -1,8 +1,12 @@
 """``engram-store bench``: the cache-hit benchmark suite.
 
-``bench hits``: every policy at equal capacities over synthetic Zipf traces and (with
-``--checkpoint``) held-out real text hashed through the checkpoint; prints a markdown table
-per trace, writes a PNG, ends with one JSON line. ``bench paths``: measured rows/s of the
+``bench hits``: every policy at equal capacities -- ours with and without lookahead hints,
+hand-written LRU / LFU / FIFO / static, libcachesim's peers (ARC, LIRS, 2Q, S3-FIFO, SIEVE,
+W-TinyLFU, ...), all over unique rows per request -- against the warm optimum (MIN with a
+free initial fill; the cold MIN as a column), over synthetic Zipf traces, held-out real text
+hashed through a checkpoint (``--checkpoint``) and through DeepSeek-V4.1's hash config and
+tokenizer (``--v41``); prints a markdown table per trace, writes a PNG, ends with one JSON
+line. Anything above the warm optimum is a bug and stops the run. ``bench paths``: measured rows/s of the
 raw paths (``index_select``, parallel ``pread``) and of the store's tiers, and the modelled
 time per step from those speeds and the simulated hit rates.
 """
@@ -23,6 +27,10 @@ from engram_store.errors import EngramStoreError
 from engram_pipeline.simulate import POLICIES, compulsory, simulate
 from engram_pipeline.traces import Trace, text_trace, zipf_trace
 
+# The libcachesim peers of the suite (engram_pipeline.peers.PEERS; named here so that the CLI
+# loads without the bench extra).
+PEERS = ("LRU", "ARC", "LIRS", "TwoQ", "S3FIFO", "Sieve", "WTinyLFU", "Cacheus")
+
 FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -41,12 +49,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="cache-hit benchmark suite (hit rates per policy; measured tier paths)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     modes = p.add_subparsers(dest="mode", metavar="MODE", required=True)
-    h = modes.add_parser("hits", help="hit rate per policy and capacity: table, PNG, one JSON line",
+    h = modes.add_parser("hits", help="hit rate per policy and capacity against the warm optimum: table, PNG, JSON line",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     h.add_argument("--checkpoint", help="checkpoint directory: adds a held-out real-text trace through its hash config")
     h.add_argument("--corpus", nargs="*", default=None, help="corpus files/folders (default: the Python stdlib)")
+    h.add_argument("--v41", action="store_true",
+                   help="add a trace through DeepSeek-V4.1's hash config and the real V4 tokenizer (no weights needed)")
+    h.add_argument("--v41-corpus", nargs="*", default=None, help="corpus of the V4.1 trace (default: the Python stdlib)")
     h.add_argument("--held-out", type=float, default=0.1, help="fraction of corpus files held out for the trace")
-    h.add_argument("--max-tokens", type=int, default=300_000, help="held-out tokens in the text trace (about)")
+    h.add_argument("--max-tokens", type=int, default=300_000, help="held-out tokens in a text trace (about)")
+    h.add_argument("--max-train-tokens", type=int, default=2_000_000,
+                   help="training tokens counted for a text trace's ranks (about; 0: the whole training part)")
     h.add_argument("--order", default="streams", choices=["streams", "shuffled", "in-order"],
                    help="how held-out sequences form batches (streams: B documents side by side)")
     h.add_argument("--zipf", default="0.8,1.0,1.2", help="Zipf exponents of synthetic traces ('' for none)")
@@ -55,10 +68,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--batch", type=int, default=8, help="sequences per step")
     h.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     h.add_argument("--capacities", default=",".join(map(str, FRACTIONS)), help="capacities, fractions of table rows")
-    h.add_argument("--policies", default=",".join(POLICIES), help="policies to simulate")
+    h.add_argument("--policies", default=",".join(POLICIES), help="simulated policies (optimum: the warm bound)")
+    h.add_argument("--peers", default=",".join(PEERS), help="libcachesim peers ('' for none; needs the bench extra)")
+    h.add_argument("--peer-start", default="warm", choices=["warm", "cold", "best"],
+                   help="peers start with the top-ranked rows (warm, as ours), empty, or the better of the two")
     h.add_argument("--hbm-shares", default=",".join(map(str, SHARES)),
                    help="ours: HBM part of the capacity to sweep; the best is reported")
     h.add_argument("--window", type=int, default=2, help="ours: outstanding prefetch handles")
+    h.add_argument("--lookahead", type=int, default=16, help="ours+hints: batches hinted ahead, at every capacity")
+    h.add_argument("--lookaheads", default="0,1,4,16,64",
+                   help="hint windows swept at --lookahead-at ('' for none)")
+    h.add_argument("--lookahead-at", type=float, default=0.1, help="capacity of the hint-window sweep")
     h.add_argument("--out", default="bench_out", help="output folder (hit_rates.png, results.json)")
     h.set_defaults(func=run_hits)
     q = modes.add_parser("paths", help="measured rows/s per tier against raw index_select and parallel pread",
@@ -75,39 +95,104 @@ def register(sub: argparse._SubParsersAction) -> None:
 # -- hits ------------------------------------------------------------------------------------
 
 def build_traces(args) -> list[Trace]:
+    """Synthetic, checkpoint and V4.1 traces as the flags ask, each timed (``meta["build_s"]``)."""
     traces = []
+    train = args.max_train_tokens or None
+
+    def timed(make):
+        t0 = time.perf_counter()
+        tr = make()
+        tr.meta["build_s"] = round(time.perf_counter() - t0, 1)
+        traces.append(tr)
+
     for s in (_floats(args.zipf, "zipf") if args.zipf.strip() else []):
-        traces.append(zipf_trace(s, rows=args.zipf_rows, steps=args.steps, batch=args.batch, seq_len=args.seq_len))
+        timed(lambda: zipf_trace(s, rows=args.zipf_rows, steps=args.steps, batch=args.batch, seq_len=args.seq_len))
     if args.checkpoint:
-        traces.append(text_trace(args.checkpoint, args.corpus, held_out_fraction=args.held_out, batch=args.batch,
-                                 seq_len=args.seq_len, max_tokens=args.max_tokens, order=args.order))
+        timed(lambda: text_trace(args.checkpoint, args.corpus, held_out_fraction=args.held_out, batch=args.batch,
+                                 seq_len=args.seq_len, max_tokens=args.max_tokens, max_train_tokens=train,
+                                 order=args.order))
+    if args.v41:
+        from engram_pipeline.v41_trace import v41_trace
+
+        timed(lambda: v41_trace(args.v41_corpus, held_out_fraction=args.held_out, batch=args.batch,
+                                seq_len=args.seq_len, max_tokens=args.max_tokens, max_train_tokens=train,
+                                order=args.order))
     if not traces:
-        raise EngramStoreError("no trace to run: give --zipf exponents and/or --checkpoint")
+        raise EngramStoreError("no trace to run: give --zipf exponents, --checkpoint and/or --v41")
     return traces
 
 
-def bench_trace(trace: Trace, fractions, policies, shares, window) -> dict:
-    """{policy: [rate per fraction]}, the split chosen for ours, and ours/Belady."""
+def _best_ours(trace: Trace, f: float, shares, window: int, lookahead: int = 0):
+    return max((simulate(trace, "ours", f, hbm_share=s, window=window, lookahead=lookahead) for s in shares),
+               key=lambda r: r.hit_rate)
+
+
+def bench_trace(trace: Trace, fractions, policies, shares, window, peers=(), peer_start="warm", lookahead=16,
+                lookaheads=(), lookahead_at=0.1) -> dict:
+    """{policy: [rate per fraction]}; ours (best HBM split), ours with hints, libcachesim peers; the
+    hint-window sweep; ours / optimum. Raises if anything beats the warm optimum."""
     rates: dict[str, list[float]] = {p: [] for p in policies}
+    hits: dict[str, list[int]] = {p: [] for p in policies}
     chosen, tiers = [], []
-    for f in fractions:
-        for p in policies:
-            if p == "ours":
-                best = max((simulate(trace, "ours", f, hbm_share=s, window=window) for s in shares),
-                           key=lambda r: r.hit_rate)
+    la_name = f"ours+hints{lookahead}"
+    if "ours" in policies and lookahead:
+        rates[la_name], hits[la_name] = [], []
+    runner = None
+    if peers:
+        from engram_pipeline.peers import PeerRunner
+
+        runner = PeerRunner(trace)
+    try:
+        for f in fractions:
+            for p in policies:
+                if p == "ours":
+                    best = _best_ours(trace, f, shares, window)
+                    chosen.append(best.tiers["hbm_rows"] / max(1, sum(best.capacity.values())))
+                    tiers.append({"hbm": best.tiers["hbm"] / best.accesses, "dram": best.tiers["dram"] / best.accesses})
+                    if lookahead:
+                        # hints favour a large DRAM part: the split is swept as well (HBM never adapts)
+                        la = _best_ours(trace, f, sorted({0.0, chosen[-1] if chosen else 0.0}), window, lookahead)
+                        rates[la_name].append(la.hit_rate)
+                        hits[la_name].append(la.hits)
+                else:
+                    best = simulate(trace, p, f)
                 rates[p].append(best.hit_rate)
-                chosen.append(best.tiers["hbm_rows"] / max(1, sum(best.capacity.values())))
-                tiers.append({"hbm": best.tiers["hbm"] / best.accesses, "dram": best.tiers["dram"] / best.accesses})
-            else:
-                rates[p].append(simulate(trace, p, f).hit_rate)
+                hits[p].append(best.hits)
+            for peer in peers:
+                name = f"lcs:{peer}"
+                runs = [runner.run(peer, f, warm=w) for w in {"warm": (True,), "cold": (False,),
+                                                               "best": (True, False)}[peer_start]]
+                r = max(runs, key=lambda r: r.hits)
+                rates.setdefault(name, []).append(r.hit_rate)
+                hits.setdefault(name, []).append(r.hits)
+    finally:
+        if runner is not None:
+            runner.close()
+    sweep = {}
+    if "ours" in policies and lookaheads:
+        s0 = _best_ours(trace, lookahead_at, shares, window).tiers
+        s0 = s0["hbm_rows"] / max(1, s0["hbm_rows"] + s0["dram_rows"])
+        for L in lookaheads:  # the splits ours+hints uses: the best without hints, and all-DRAM
+            sweep[str(L)] = _best_ours(trace, lookahead_at, shares if not L else sorted({0.0, s0}), window, L).hit_rate
     out = {"fractions": list(fractions), "policies": rates, "compulsory": compulsory(trace).hit_rate,
            "accesses": trace.accesses, "issued": trace.issued, "requests": len(trace.requests),
-           "rows": trace.rows, "meta": trace.meta}
+           "rows": trace.rows, "meta": trace.meta, "access_model": "unique rows per request, every policy",
+           "peer_start": peer_start}
+    if sweep:
+        out["lookahead_sweep"] = {"capacity": lookahead_at, "hit_rate": sweep}
+    if "optimum" in policies:
+        opt = hits["optimum"]
+        beaten = [(p, fractions[i]) for p, hs in hits.items() for i, h in enumerate(hs) if h > opt[i]]
+        if beaten:
+            raise AssertionError(f"{trace.name}: policies beat the warm optimum (a bug): {beaten}")
+        for p in ("ours", la_name):
+            if p in rates:
+                out[f"{p}_over_optimum"] = [o / b if b else None for o, b in zip(rates[p], rates["optimum"])]
     if "ours" in policies:
         out["ours_hbm_share"] = chosen
         out["ours_tiers"] = tiers
-    if "ours" in policies and "belady" in policies:
-        out["ours_over_belady"] = [o / b if b else None for o, b in zip(rates["ours"], rates["belady"])]
+        lcs = [p for p in rates if p.startswith("lcs:")]
+        out["ours_below_peers"] = [(p, fractions[i]) for p in lcs for i, h in enumerate(hits[p]) if h > hits["ours"][i]]
     return out
 
 
@@ -115,13 +200,22 @@ def markdown(name: str, res: dict) -> str:
     fr = res["fractions"]
     head = "| policy | " + " | ".join(f"{100 * f:g}%" for f in fr) + " |"
     lines = [f"**{name}** ({res['accesses']:,} accesses in {res['requests']} requests; "
-             f"compulsory bound {res['compulsory']:.1%})", "", head, "|---|" + "---:|" * len(fr)]
+             f"compulsory bound {res['compulsory']:.1%}; peers start {res['peer_start']})", "", head,
+             "|---|" + "---:|" * len(fr)]
     for p, ys in res["policies"].items():
-        lines.append(f"| {p} | " + " | ".join(f"{y:.1%}" for y in ys) + " |")
-    if "ours_over_belady" in res:
-        lines.append("| ours / Belady | " + " | ".join(f"{x:.1%}" if x is not None else "-"
-                                                      for x in res["ours_over_belady"]) + " |")
+        label = {"optimum": "optimum (warm MIN)", "belady": "belady (cold MIN)"}.get(p, p)
+        lines.append(f"| {label} | " + " | ".join(f"{y:.1%}" for y in ys) + " |")
+    for key in (k for k in res if k.endswith("_over_optimum")):
+        lines.append(f"| {key[:-len('_over_optimum')]} / optimum | " + " | ".join(
+            f"{x:.1%}" if x is not None else "-" for x in res[key]) + " |")
+    if "ours_hbm_share" in res:
         lines.append("| ours HBM share | " + " | ".join(f"{s:.2f}" for s in res["ours_hbm_share"]) + " |")
+    if "lookahead_sweep" in res:
+        sw = res["lookahead_sweep"]
+        lines += ["", f"hint window (batches ahead) at {100 * sw['capacity']:g}% capacity: " + ", ".join(
+            f"{k}: {v:.1%}" for k, v in sw["hit_rate"].items())]
+    if res.get("ours_below_peers"):
+        lines += ["", f"ours (no hints) below a peer at: {res['ours_below_peers']}"]
     return "\n".join(lines)
 
 
@@ -133,22 +227,38 @@ def run_hits(args) -> int:
     bad = [p for p in policies if p not in POLICIES]
     if bad:
         raise EngramStoreError(f"unknown policies {bad}; choose from {', '.join(POLICIES)}")
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if peers:
+        from engram_pipeline.peers import ALL_PEERS
+
+        bad = [p for p in peers if p not in ALL_PEERS]
+        if bad:
+            raise EngramStoreError(f"unknown libcachesim peers {bad}; choose from {', '.join(ALL_PEERS)}")
     shares = _floats(args.hbm_shares, "hbm-shares")
+    lookaheads = [int(x) for x in _floats(args.lookaheads, "lookaheads")] if args.lookaheads.strip() else []
     t0 = time.perf_counter()
     results = {}
     for trace in build_traces(args):
-        results[trace.name] = res = bench_trace(trace, fractions, policies, shares, args.window)
-        print(markdown(trace.name, res) + "\n", flush=True)
+        t1 = time.perf_counter()
+        results[trace.name] = res = bench_trace(trace, fractions, policies, shares, args.window, peers,
+                                                args.peer_start, args.lookahead, lookaheads, args.lookahead_at)
+        res["simulate_s"] = round(time.perf_counter() - t1, 1)
+        print(markdown(trace.name, res) + f"\n\n(trace built in {trace.meta['build_s']} s, simulated in "
+              f"{res['simulate_s']} s)\n", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_hit_rates(results, out / "hit_rates.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"plot: {png}")
-    summary = {name: {"ours_over_belady": dict(zip(map(str, r["fractions"]), r.get("ours_over_belady", []))),
-                      "hit_rate": {p: dict(zip(map(str, r["fractions"]), map(lambda y: round(y, 4), ys)))
-                                   for p, ys in r["policies"].items()}}
+    r4 = lambda ys: dict(zip(map(str, fractions), (round(y, 4) if y is not None else None for y in ys)))  # noqa: E731
+    summary = {name: {"hit_rate": {p: r4(ys) for p, ys in r["policies"].items()},
+                      **{k: r4(r[k]) for k in r if k.endswith("_over_optimum")},
+                      "lookahead_sweep": {k: round(v, 4) for k, v in r.get("lookahead_sweep", {}).get("hit_rate", {}).items()},
+                      "ours_below_peers": r.get("ours_below_peers", []),
+                      "build_s": r["meta"]["build_s"], "simulate_s": r["simulate_s"]}
                for name, r in results.items()}
-    print(json.dumps({"bench": "hits", "window": args.window, "seconds": round(time.perf_counter() - t0, 1),
+    print(json.dumps({"bench": "hits", "window": args.window, "lookahead": args.lookahead,
+                      "peer_start": args.peer_start, "seconds": round(time.perf_counter() - t0, 1),
                       "png": str(png), "traces": summary}))
     return 0
 

@@ -193,7 +193,9 @@ class SlotPolicy:
         admission keep what the window needs (module docstring). Hints never change what a hit
         does, and holds still protect in-flight rows first.
         """
-        keys = np.unique(np.asarray(keys, dtype=np.int64).reshape(-1))
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        if keys.size > 1 and not (keys[1:] > keys[:-1]).all():  # the store's and the trace's are sorted, unique
+            keys = np.unique(keys)
         if keys.size and (keys[0] < 0 or keys[-1] >= self.n_keys):
             bad = int(keys[0] if keys[0] < 0 else keys[-1])
             raise InvalidRowIdsError(f"hinted key {bad} is outside [0, {self.n_keys}): hint the keys this policy is "
@@ -237,14 +239,10 @@ class SlotPolicy:
             # the unheld cached rows in order of value: unannounced by score (lowest first; ties:
             # coldest rank first), then announced ones, needed latest first
             usable = np.flatnonzero(~self._held_mask(slots[hit]) & (self.key_of >= 0))
-            ukeys = self.key_of[usable]
-            u_due = look.slot_due[usable]
-            u_need = u_due > now
-            order = np.lexsort((-self._rank(ukeys), self._score(ukeys), -np.where(u_need, u_due, 0), u_need))
-            usable, u_due, u_need = usable[order], u_due[order], u_need[order]
+            extra = miss_idx.size - n_free
+            usable, u_due, u_need, n_free_rows = self._pool(usable, min(usable.size, extra + self.evict_batch), now)
             # miss j (beyond the free slots) displaces pool row j - n_free if it is worth more: an
             # unannounced miss beats an unannounced row, an announced one any row needed later
-            extra = miss_idx.size - n_free
             j = np.arange(min(extra, usable.size))
             mn, md = m_need[n_free + j], m_due[n_free + j]
             worth = np.where(mn, ~u_need[j] | (md < u_due[j]), ~u_need[j])
@@ -252,7 +250,7 @@ class SlotPolicy:
             # the batch surplus (kept free for the misses to come) only takes unannounced rows
             n_evict = n_take
             if n_take:
-                n_evict = max(n_take, min(self.evict_batch, n_take + int(np.count_nonzero(~u_need[n_take:]))))
+                n_evict = max(n_take, min(self.evict_batch, max(n_take, n_free_rows)))
             cand = usable[:n_evict]
             evicted = self.key_of[cand]
             self.slot_of[evicted] = -1
@@ -268,6 +266,24 @@ class SlotPolicy:
         look.slot_due[victims] = m_due
         slots[miss_idx] = victims
         return evicted
+
+    def _pool(self, usable: np.ndarray, m: int, now: int):
+        """The first ``m`` of the unheld cached slots ``usable`` in order of value -- unannounced ones
+        by score (lowest first; ties: coldest rank first), then announced ones needed latest first
+        (ties: by score, then coldest rank) -- with their next dues, whether announced, and how many
+        of all ``usable`` are unannounced. Sorts only what can be among the first ``m``."""
+        ukeys = self.key_of[usable]
+        u_due = self._look.slot_due[usable]
+        u_need = u_due > now
+        free_rows = np.flatnonzero(~u_need)
+        need_rows = np.flatnonzero(u_need)
+        first = _first_by(free_rows, self._score(ukeys[free_rows]), (-self._rank(ukeys[free_rows]),), m)
+        rest = m - first.size
+        if rest > 0:
+            nk = ukeys[need_rows]
+            first = np.concatenate([first, _first_by(need_rows, -u_due[need_rows],
+                                                     (self._score(nk), -self._rank(nk)), rest)])
+        return usable[first], u_due[first], u_need[first], free_rows.size
 
     def _score(self, keys: np.ndarray) -> np.ndarray:
         """Eviction score of cached ``keys`` (lowest goes first): see the class docstring."""
@@ -380,6 +396,19 @@ class SlotPolicy:
 
 
 _FAR = np.iinfo(np.int64).max
+
+
+def _first_by(idx: np.ndarray, primary: np.ndarray, ties: tuple, m: int) -> np.ndarray:
+    """The ``m`` entries of ``idx`` smallest by ``primary``, then by ``ties`` in order, sorted that way;
+    a partition first, so only the entries that can make the cut are sorted."""
+    if m <= 0 or not idx.size:
+        return idx[:0]
+    cand = np.arange(idx.size)
+    if m < idx.size:
+        kth = np.partition(primary, m - 1)[m - 1]
+        cand = np.flatnonzero(primary <= kth)
+    order = np.lexsort((*(t[cand] for t in reversed(ties)), primary[cand]))[:m]
+    return idx[cand[order]]
 
 
 class _Lookahead:
