@@ -96,9 +96,9 @@ class StoreWriter:
         o = _as_order(order, info.rows)
         remap = np.empty(info.rows, dtype=remap_dtype(info.rows))
         if o is None:
-            remap[:] = np.arange(info.rows)
+            remap[:] = np.arange(info.rows, dtype=remap.dtype)
         else:
-            remap[o] = np.arange(info.rows)
+            remap[o] = np.arange(info.rows, dtype=remap.dtype)
         st = _TableState(name, info, block_rows_for(info.row_bytes, self.backend, self.block_bytes), remap)
         try:
             self._rows.add_table(name, info, st.block_rows)
