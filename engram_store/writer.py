@@ -152,7 +152,8 @@ class StoreWriter:
                 st.pending = bytearray()
         if not st.pending:  # raw starts on a block boundary
             end = len(raw) if final else len(raw) // bb * bb
-            blocks.extend(raw[i: min(i + bb, end)] for i in range(0, end, bb))
+            run = raw[:end]
+            blocks.extend(run[i: i + bb] for i in range(0, end, bb))  # a slice past the end is clamped
             st.pending = bytearray(raw[end:])
         if blocks:
             self._rows.write_blocks(st.name, blocks)
