@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--v41", action="store_true",
                    help="add a trace through DeepSeek-V4.1's hash config and the real V4 tokenizer (no weights needed)")
     h.add_argument("--v41-corpus", nargs="*", default=None, help="corpus of the V4.1 trace (default: the Python stdlib)")
+    h.add_argument("--v41-layers", default="1,14", help="V4.1 Engram layers traced (one table each)")
     h.add_argument("--held-out", type=float, default=0.1, help="fraction of corpus files held out for the trace")
     h.add_argument("--max-tokens", type=int, default=300_000, help="held-out tokens in a text trace (about)")
     h.add_argument("--max-train-tokens", type=int, default=2_000_000,
@@ -64,9 +65,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how held-out sequences form batches (streams: B documents side by side)")
     h.add_argument("--zipf", default="0.8,1.0,1.2", help="Zipf exponents of synthetic traces ('' for none)")
     h.add_argument("--zipf-rows", type=int, default=200_000, help="rows of each synthetic table")
-    h.add_argument("--steps", type=int, default=100, help="forward steps of each synthetic trace")
-    h.add_argument("--batch", type=int, default=8, help="sequences per step")
-    h.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    h.add_argument("--steps", type=int, default=30, help="forward steps of each synthetic trace")
+    h.add_argument("--zipf-batch", type=int, default=4, help="sequences per step of a synthetic trace")
+    h.add_argument("--zipf-seq-len", type=int, default=128, help="tokens per sequence of a synthetic trace")
+    h.add_argument("--batch", type=int, default=8, help="sequences per step of a text trace")
+    h.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of a text trace")
     h.add_argument("--capacities", default=",".join(map(str, FRACTIONS)), help="capacities, fractions of table rows")
     h.add_argument("--policies", default=",".join(POLICIES), help="simulated policies (optimum: the warm bound)")
     h.add_argument("--peers", default=",".join(PEERS), help="libcachesim peers ('' for none; needs the bench extra)")
@@ -106,7 +109,8 @@ def build_traces(args) -> list[Trace]:
         traces.append(tr)
 
     for s in (_floats(args.zipf, "zipf") if args.zipf.strip() else []):
-        timed(lambda: zipf_trace(s, rows=args.zipf_rows, steps=args.steps, batch=args.batch, seq_len=args.seq_len))
+        timed(lambda: zipf_trace(s, rows=args.zipf_rows, steps=args.steps, batch=args.zipf_batch,
+                                 seq_len=args.zipf_seq_len))
     if args.checkpoint:
         timed(lambda: text_trace(args.checkpoint, args.corpus, held_out_fraction=args.held_out, batch=args.batch,
                                  seq_len=args.seq_len, max_tokens=args.max_tokens, max_train_tokens=train,
@@ -114,7 +118,8 @@ def build_traces(args) -> list[Trace]:
     if args.v41:
         from engram_pipeline.v41_trace import v41_trace
 
-        timed(lambda: v41_trace(args.v41_corpus, held_out_fraction=args.held_out, batch=args.batch,
+        layers = [int(x) for x in _floats(args.v41_layers, "v41-layers")]
+        timed(lambda: v41_trace(args.v41_corpus, layers=layers, held_out_fraction=args.held_out, batch=args.batch,
                                 seq_len=args.seq_len, max_tokens=args.max_tokens, max_train_tokens=train,
                                 order=args.order))
     if not traces:
