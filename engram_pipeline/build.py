@@ -20,6 +20,7 @@ from engram_store.format import DTYPE_NAMES, DTYPES, read_manifest
 from engram_pipeline.plan import DTYPE_BYTES, TablePlan, make_plan
 from engram_store.store import TieredStore
 from engram_store.writer import StoreWriter
+from engram_model.hashing import NgramHasher
 from engram_model.memory import table_name
 
 _CHUNK_BYTES = 64 << 20
@@ -52,12 +53,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike | None, out, *, hbm_bytes: int, dram_bytes: int,
                           backend: str = "mmap", dtype: str | None = None, overwrite: bool = False,
-                          shards: int = 1) -> dict:
+                          shards: int = 1, owner: str = "row_mod_n", progress: bool = True) -> dict:
     """Rows of the checkpoint's Engram tables in frequency-rank order, with remap arrays and tier plan.
 
     ``dtype`` casts the rows (default: the checkpoint's). ``shards > 1`` writes one store per
-    rank (see :mod:`engram_store.sharded`). A Hugging Face V4.1-style checkpoint directory goes to
-    :func:`build_from_hf` (``counts`` optional there). Returns a report (tables, bytes, seconds, MB/s).
+    rank (see :mod:`engram_store.sharded`) with owner function ``owner`` ("row_mod_n", or
+    "head_ranges": whole hash heads per rank, sizes from the checkpoint's hash config). A Hugging
+    Face V4.1-style checkpoint directory goes to :func:`build_from_hf` (``counts`` optional there).
+    Returns a report (tables, bytes, seconds, MB/s).
     """
     from engram_model.checkpoint import load_checkpoint
     from engram_pipeline.hf_checkpoint import is_hf_checkpoint
@@ -68,11 +71,8 @@ def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike | None,
         if dtype is not None:
             raise EngramStoreError("--dtype does not apply to a Hugging Face checkpoint: its rows are stored as "
                                    "the checkpoint's own fp8 bytes; drop --dtype")
-        if shards > 1:
-            raise EngramStoreError("sharded builds of a Hugging Face checkpoint are not supported yet: build one "
-                                   "store (drop --shards)")
         return build_from_hf(checkpoint, counts, out, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes, backend=backend,
-                             overwrite=overwrite)
+                             overwrite=overwrite, shards=shards, owner=owner, progress=progress)
     if counts is None:
         raise EngramStoreError("building from our own checkpoint needs --counts (engram-store count)")
     ckpt = load_checkpoint(checkpoint)
@@ -91,8 +91,14 @@ def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike | None,
     if shards > 1:
         from engram_store.sharded import write_shards
 
-        write_shards(out, tables, order, shards, backend=backend, fingerprint=ckpt.fingerprint,
-                     tier_plan=tier_plan, overwrite=overwrite)
+        head_rows = None
+        if owner == "head_ranges":
+            if ckpt.hash_config is None:
+                raise EngramStoreError(f"{checkpoint} has no hash config, so its heads are unknown: "
+                                       "use --owner row_mod_n")
+            head_rows = _head_rows(NgramHasher(ckpt.hash_config), tables)
+        write_shards(out, tables, order, shards, owner=owner, head_rows=head_rows, backend=backend,
+                     fingerprint=ckpt.fingerprint, tier_plan=tier_plan, overwrite=overwrite)
     else:
         from engram_store.writer import write
 
@@ -105,10 +111,19 @@ def build_from_checkpoint(checkpoint, counts: Counts | str | os.PathLike | None,
             "plan": {n: vars(p) for n, p in plan.items()}}
 
 
+def _head_rows(hasher, tables) -> dict[str, list[int]]:
+    """Rows of every hash head of each table ``layer{L}`` (order-2 heads first): the head ranges' sizes."""
+    return {name: [int(p) for per_order in hasher.primes[int(name.removeprefix("layer"))] for p in per_order]
+            for name in tables}
+
+
 def build_from_hf(checkpoint, counts: Counts | str | os.PathLike | None, out, *, hbm_bytes: int = 0,
-                  dram_bytes: int = 0, backend: str = "mmap", overwrite: bool = False, progress: bool = True) -> dict:
+                  dram_bytes: int = 0, backend: str = "mmap", overwrite: bool = False, progress: bool = True,
+                  shards: int = 1, owner: str = "row_mod_n") -> dict:
     """The Engram tables of a V4.1-style checkpoint as packed fp8 rows (``import_hf``), in frequency-rank
-    order with a tier plan when ``counts`` are given, in checkpoint order otherwise."""
+    order with a tier plan when ``counts`` are given, in checkpoint order otherwise. ``shards > 1``:
+    a sharded store (``write_shards`` streaming from the checkpoint, ``owner`` as for
+    :func:`build_from_checkpoint`)."""
     from engram_pipeline.counts import FP8_ROWS
     from engram_pipeline.hf_checkpoint import open_hf_checkpoint
     from engram_pipeline.import_hf import import_hf_checkpoint
@@ -122,13 +137,40 @@ def build_from_hf(checkpoint, counts: Counts | str | os.PathLike | None, out, *,
         plan = make_plan(counts, hbm_bytes, dram_bytes, FP8_ROWS, {n: 256 for n in rows})
         tier_plan = tier_plan_manifest(plan, hbm_bytes, dram_bytes)
     start = time.perf_counter()
-    import_hf_checkpoint(checkpoint, out, counts=counts, backend=backend, overwrite=overwrite, tier_plan=tier_plan,
-                         progress=progress)
+    if shards > 1:
+        _write_hf_shards(checkpoint, counts, out, shards, owner, backend, tier_plan, overwrite, progress)
+    else:
+        import_hf_checkpoint(checkpoint, out, counts=counts, backend=backend, overwrite=overwrite,
+                             tier_plan=tier_plan, progress=progress)
     seconds = time.perf_counter() - start
     nbytes = sum(rows.values()) * 264
-    return {"store": str(out), "backend": backend, "shards": 1, "tables": {n: [r, 264] for n, r in rows.items()},
+    return {"store": str(out), "backend": backend, "shards": shards, "owner": owner if shards > 1 else None,
+            "tables": {n: [r, 264] for n, r in rows.items()},
             "dtype": FP8_ROWS, "bytes": nbytes, "seconds": seconds, "mb_per_s": nbytes / 1e6 / max(seconds, 1e-9),
             "rank_order": counts is not None, "plan": {n: vars(p) for n, p in (plan or {}).items()}}
+
+
+def _write_hf_shards(checkpoint, counts: Counts | None, out, shards: int, owner: str, backend: str,
+                     tier_plan: dict | None, overwrite: bool, progress: bool) -> None:
+    """A sharded store of the checkpoint's packed rows, read range by range (bounded memory)."""
+    from tqdm import tqdm
+
+    from engram_pipeline.hf_checkpoint import open_hf_checkpoint
+    from engram_store.format.fp8_rows import FORMAT_NAME, ROW_BYTES
+    from engram_store.sharded import RangeSource, TableSpec, write_shards
+
+    with open_hf_checkpoint(checkpoint) as ck:
+        if counts is not None:
+            counts.check_fingerprint(ck.fingerprint, f"checkpoint {checkpoint}")
+        specs = {n: TableSpec(t.rows, ROW_BYTES, torch.uint8, FORMAT_NAME) for n, t in ck.tables.items()}
+        source = RangeSource(specs, lambda n, a, b: next(ck.iter_rows(n, a, b, chunk_rows=max(1, b - a))))
+        order = None if counts is None else {n: counts.order(n) for n in specs}
+        total = sum(s.rows for s in specs.values()) * ROW_BYTES * (1 if order is None else 2)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"build {shards} shards", disable=not progress) as bar:
+            write_shards(out, source, order, shards, owner=owner,
+                         head_rows=_head_rows(ck.hasher(), specs) if owner == "head_ranges" else None,
+                         backend=backend, fingerprint=ck.fingerprint, tier_plan=tier_plan, overwrite=overwrite,
+                         progress=bar.update)
 
 
 # -- synthetic tables --------------------------------------------------------------------

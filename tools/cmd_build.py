@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="row dtype (default: the checkpoint's; float32 for --synthetic-rows)")
     p.add_argument("--shards", type=int, default=1, help="write one store per rank for a sharded store")
+    p.add_argument("--owner", default="row_mod_n", choices=["row_mod_n", "head_ranges"],
+                   help="owner function of --shards: row %% N, or whole hash heads per rank (contiguous rows, "
+                        "as tensor-parallel engines split a layer)")
     p.add_argument("--synthetic-rows", type=int, default=None, metavar="N",
                    help="build N random rows per table instead of a checkpoint's tables (streamed)")
     p.add_argument("--dim", type=int, default=64, help="row dim of --synthetic-rows tables")
@@ -37,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.owner != "row_mod_n" and args.shards < 2:
+        raise EngramStoreError("--owner applies to a sharded build: add --shards N (N >= 2)")
     if args.synthetic_rows is not None:
         if args.checkpoint or args.counts:
             raise EngramStoreError("--synthetic-rows builds without a checkpoint: drop --checkpoint/--counts")
@@ -48,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
             raise EngramStoreError("build needs --checkpoint (and --counts), or --synthetic-rows N")
         report = build_from_checkpoint(args.checkpoint, args.counts, args.output, hbm_bytes=parse_size(args.hbm),
                                        dram_bytes=parse_size(args.dram), backend=args.backend, dtype=args.dtype,
-                                       overwrite=args.overwrite, shards=args.shards)
+                                       overwrite=args.overwrite, shards=args.shards, owner=args.owner,
+                                       progress=not args.no_progress)
     print(f"built {report['store']} ({report['backend']}): {report['bytes'] / 2**20:.1f} MiB in "
           f"{report['seconds']:.1f} s, {report['mb_per_s']:.0f} MB/s")
     print(json.dumps(report))

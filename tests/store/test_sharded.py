@@ -805,3 +805,24 @@ def test_head_ranges_lookups_and_training_equal_one_process(tmp_path, world, req
         assert all(r[b] == 123 for b in paths)
         if v41 is not None:
             assert r["v41"] == 2 * 2100
+
+
+@needs_core
+def test_cli_build_shards_owner_head_ranges(v41_sharded, tmp_path, capsys):
+    """`engram-store build --checkpoint HF --shards 2 --owner head_ranges` (no counts: checkpoint order),
+    every row of every shard against the generator; --owner without --shards is refused."""
+    from engram_pipeline.v41_checkpoint import expected_rows
+    from engram_store_cli.cli import main
+
+    ckpt, out = v41_sharded["ckpt"], tmp_path / "s"
+    assert main(["build", "--checkpoint", str(ckpt), "--shards", "2", "--owner", "head_ranges", "-o", str(out),
+                 "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["owner"] == "head_ranges"
+    layout = read_layout(out)
+    for name, m in layout["tables"].items():
+        for s, (a, b) in enumerate(m["ranges"]):
+            with engram_store.open(out / f"shard-{s}-of-2", device="cpu") as shard:
+                assert torch.equal(shard.read_ranks(name, 0, b - a), expected_rows(ckpt, name, torch.arange(a, b)))
+    assert main(["build", "--checkpoint", str(ckpt), "--owner", "head_ranges", "-o", str(tmp_path / "t")]) == 2
+    assert "--shards" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
