@@ -111,19 +111,17 @@ class FlatFileDisk(BlockDisk):
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` (sorted, unique) into rows ``lo:hi`` of ``buf``, verified."""
         last_len = t.block_len(t.n_blocks - 1)
-        for b, got, want in read_runs(t.fd, blocks, buf, lo, hi, t.stride, t.n_blocks, last_len):
+        seg = blocks[lo:hi]
+        crcs = np.empty(blocks.size, np.uint32) if self.verify else None
+        for b, got, want in read_runs(t.fd, blocks, buf, lo, hi, t.stride, t.n_blocks, last_len, crcs):
             raise StoreCorruptError(
                 f"table {t.name!r} block {b}: short read ({got} of {want} bytes); the row file "
                 "was truncated after open; rebuild the store"
             )
-        seg = blocks[lo:hi]
         full = t.br * t.rb
         moved = seg.size * full - int(np.count_nonzero(seg == t.n_blocks - 1)) * (full - last_len)
         if self.verify:
-            flat = memoryview(buf).cast("B")
-            got = np.array([crc32(flat[i * full: i * full + (full if b != t.n_blocks - 1 else last_len)])
-                            for i, b in zip(range(lo, hi), seg.tolist())], dtype=np.uint32)
-            for k in np.flatnonzero(got != t.crc[seg]).tolist():
+            for k in np.flatnonzero(crcs[lo:hi] != t.crc[seg]).tolist():
                 b = int(seg[k])
                 view = memoryview(buf[lo + k])[: t.block_len(b)]
                 if not self._reread(t, b, view):

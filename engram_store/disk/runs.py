@@ -6,12 +6,12 @@ in flight. Two things fix it (measured with ``bench/bench_cold.py``, see docs/co
 
 - **Hints.** A thread first announces all of its runs with ``posix_fadvise(WILLNEED)``, which
   queues each read in the kernel and returns, so every read of the batch is in flight at once
-  (the queue depth io_uring gives, without a dependency); the ``preadv`` calls that follow wait
+  (the queue depth io_uring gives, without a dependency); the ``pread`` calls that follow wait
   for data already on its way. A single run is read without a hint (it would only add a call).
 - **Runs.** Sorted blocks less than ``MERGE_GAP_BLOCKS`` apart are read as one range by one
-  ``preadv``, whose iovecs scatter the wanted blocks into their buffer rows and the gaps (and
-  the padding that ends a page-aligned block) into a scratch buffer: a dense batch costs a few
-  large reads instead of many small ones, a sparse one costs what it did.
+  ``pread`` into a scratch buffer, and the wanted blocks copied out (the gaps and the padding
+  that ends a page-aligned block stay behind): a dense batch costs a few large reads instead of
+  many small ones, a sparse one costs what it did; a lone block is read straight into its row.
 
 Blocks sit at ``b * stride``; ``stride`` is the block's bytes rounded up to whole pages (or, in
 stores written before page alignment, the block's bytes). Used from many threads at once: all
@@ -20,17 +20,36 @@ state is per call.
 
 from __future__ import annotations
 
-import os
+import ctypes
+import ctypes.util
 
 import numpy as np
+from numba import njit
 
 # A gap of up to this many blocks is read through rather than split into a second read: one
 # more I/O costs about as much as 4-8 pages of transfer on the disks measured.
 MERGE_GAP_BLOCKS = 4
-# iovecs per preadv stay under IOV_MAX (1024): each block takes at most two (data, pad or gap).
+# A run's scratch buffer stays small (at most ~MAX_RUN_BLOCKS x (MERGE_GAP_BLOCKS + 1) strides).
 MAX_RUN_BLOCKS = 256
 
-_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+# The per-block loop (hint, read, copy, crc32) runs compiled and without the GIL: from Python each
+# of those calls gives the GIL up and takes it back, and with a batch's worth of I/O threads on two
+# busy cores the hand-overs, not the disk, set the pace. libc's pread/posix_fadvise and zlib's
+# crc32 (the checksum the format defines) are called through ctypes; pointers pass as uint64.
+_libc = ctypes.CDLL(None, use_errno=True)
+_pread = _libc.pread
+_pread.restype, _pread.argtypes = ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64]
+_fadvise = _libc.posix_fadvise
+_fadvise.restype, _fadvise.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+_zlib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
+_crc32 = _zlib.crc32
+_crc32.restype, _crc32.argtypes = ctypes.c_ulong, [ctypes.c_ulong, ctypes.c_uint64, ctypes.c_uint]
+WILLNEED = 3  # POSIX_FADV_WILLNEED on Linux
+HINTS = True  # announce the runs ahead of the reads (see the module docstring)
+# Runs a thread keeps announced ahead of its reads: with 8 I/O threads that is more than the
+# device queue holds (nr_requests is 64-256), while the reads start at once instead of after
+# every hint of a large batch.
+HINT_AHEAD = 64
 
 
 def run_starts(blocks: np.ndarray, max_gap: int = MERGE_GAP_BLOCKS, max_len: int = MAX_RUN_BLOCKS) -> np.ndarray:
@@ -49,45 +68,65 @@ def run_starts(blocks: np.ndarray, max_gap: int = MERGE_GAP_BLOCKS, max_len: int
 
 
 def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, stride: int,
-              n_blocks: int, last_len: int) -> list:
+              n_blocks: int, last_len: int, crcs: np.ndarray | None = None) -> list:
     """Blocks ``blocks[lo:hi]`` (sorted, unique) of the file ``fd`` into rows ``lo:hi`` of ``buf``.
 
     ``buf`` is C-contiguous uint8 ``[n, block_bytes]``; every block holds ``block_bytes`` but
-    the file's last one (``n_blocks - 1``), which holds ``last_len``. Returns ``[]``, or
+    the file's last one (``n_blocks - 1``), which holds ``last_len``. With ``crcs`` (uint32, as
+    long as ``blocks``) the crc32 of each block read is stored at its index. Returns ``[]``, or
     ``[(b, got, want)]`` for the first block ``b`` a read did not fill (``got`` of its ``want``
     bytes: the file was truncated) so that the caller names the error.
     """
-    seg = blocks[lo:hi]
+    seg = np.ascontiguousarray(blocks[lo:hi], dtype=np.int64)
     n, bb = seg.size, buf.shape[1]
     if n == 0:
         return []
-    assert buf.flags.c_contiguous
+    assert buf.flags.c_contiguous and buf.dtype == np.uint8
     lens = np.full(n, bb, np.int64)
     lens[seg == n_blocks - 1] = last_len
-    skip = np.zeros(n, np.int64)  # file bytes between block j's end and block j+1's start
-    skip[:-1] = (seg[1:] - seg[:-1]) * stride - lens[:-1]
     starts = run_starts(seg)
     ends = np.append(starts[1:], n)
-    first, last = seg[starts], seg[ends - 1]
-    run_bytes = (last - first) * stride + lens[ends - 1]
-    if starts.size > 1 and _WILLNEED is not None:
-        for b0, size in zip(first.tolist(), run_bytes.tolist()):
-            os.posix_fadvise(fd, b0 * stride, size, _WILLNEED)
-    flat = memoryview(buf).cast("B")
-    scratch = memoryview(np.empty((MERGE_GAP_BLOCKS + 1) * stride, np.uint8))
-    lens_l, skip_l = lens.tolist(), skip.tolist()
-    for s, e, b0, want in zip(starts.tolist(), ends.tolist(), first.tolist(), run_bytes.tolist()):
-        iov, span0 = [], s  # buffer rows span0.. are one contiguous iovec until a skip
-        for j in range(s, e - 1):
-            if skip_l[j]:
-                iov.append(flat[(lo + span0) * bb: (lo + j) * bb + lens_l[j]])
-                iov.append(scratch[: skip_l[j]])
-                span0 = j + 1
-        iov.append(flat[(lo + span0) * bb: (lo + e - 1) * bb + lens_l[e - 1]])
-        got = os.preadv(fd, iov, b0 * stride)
-        if got != want:  # name the first block the read did not fill
+    run_bytes = (seg[ends - 1] - seg[starts]) * stride + lens[ends - 1]
+    scratch = np.empty(int(run_bytes.max()) if starts.size < n else 0, np.uint8)
+    out = crcs[lo:hi] if crcs is not None else np.empty(0, np.uint32)
+    bad, got = _read(fd, seg, lens, starts, ends, run_bytes, stride, buf[lo:hi], scratch,
+                     HINTS and starts.size > 1, out, crcs is not None)
+    if bad < 0:
+        return []
+    s, b0 = int(starts[bad]), int(seg[starts[bad]])
+    for j in range(s, int(ends[bad])):  # name the first block the read did not fill
+        have = got - (int(seg[j]) - b0) * stride
+        if have < lens[j]:
+            return [(int(seg[j]), max(0, int(have)), int(lens[j]))]
+    return [(b0, max(0, int(got)), int(run_bytes[bad]))]
+
+
+@njit(nogil=True)  # not cached: numba cannot cache a function that calls ctypes pointers
+def _read(fd, seg, lens, starts, ends, run_bytes, stride, rows, scratch, hint, crcs, want_crc):
+    """(-1, 0), or (the run that came back short, the bytes it got)."""
+    ahead = HINT_AHEAD if hint else 0
+    for r in range(min(ahead, starts.size)):
+        _fadvise(fd, seg[starts[r]] * stride, run_bytes[r], WILLNEED)
+    base = np.int64(rows.ctypes.data)  # int64 throughout: numba turns uint64 + int64 into a float
+    sbase = np.int64(scratch.ctypes.data)
+    bb = np.int64(rows.shape[1])
+    for r in range(starts.size):
+        if ahead and r + ahead < starts.size:  # keep HINT_AHEAD runs announced ahead of the reads
+            _fadvise(fd, seg[starts[r + ahead]] * stride, run_bytes[r + ahead], WILLNEED)
+        s, e = starts[r], ends[r]
+        off = seg[s] * stride
+        if e - s == 1:  # one block: straight into its row
+            got = _pread(fd, np.uint64(base + s * bb), run_bytes[r], off)
+            if got != run_bytes[r]:
+                return r, got
+        else:
+            got = _pread(fd, np.uint64(sbase), run_bytes[r], off)
+            if got != run_bytes[r]:
+                return r, got
             for j in range(s, e):
-                have = got - (int(seg[j]) - b0) * stride
-                if have < lens_l[j]:
-                    return [(int(seg[j]), max(0, have), lens_l[j])]
-    return []
+                src = (seg[j] - seg[s]) * stride
+                rows[j, : lens[j]] = scratch[src: src + lens[j]]
+        if want_crc:
+            for j in range(s, e):
+                crcs[j] = _crc32(0, np.uint64(base + j * bb), lens[j])
+    return -1, 0

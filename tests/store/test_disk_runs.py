@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -60,11 +61,14 @@ def test_read_runs_returns_each_blocks_bytes(tmp_path, rb, br, stride):
             buf = np.zeros((blocks.size, br * rb), np.uint8)
             # as the pool splits a batch: each thread reads blocks[lo:hi] into buf[lo:hi]
             cuts = [0, blocks.size] if trial % 2 else [0, blocks.size // 3, blocks.size]
+            crcs = np.zeros(blocks.size, np.uint32)
             for lo, hi in zip(cuts, cuts[1:]):
-                assert read_runs(fd, blocks, buf, lo, hi, stride, n_blocks, block_len(n_blocks - 1)) == []
+                assert read_runs(fd, blocks, buf, lo, hi, stride, n_blocks, block_len(n_blocks - 1), crcs) == []
             for i, b in enumerate(blocks.tolist()):
                 n = block_len(b)
-                assert np.array_equal(buf[i, :n], rows[b * br: b * br + n // rb].reshape(-1)), (trial, b)
+                want = rows[b * br: b * br + n // rb].reshape(-1)
+                assert np.array_equal(buf[i, :n], want), (trial, b)
+                assert crcs[i] == zlib.crc32(want.tobytes()), (trial, b)
     finally:
         os.close(fd)
 
