@@ -29,8 +29,6 @@ renamed into place), and the scratch directory is removed on success and on fail
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -39,18 +37,14 @@ import torch
 
 from engram_pipeline.counts import Counts
 from engram_pipeline.hf_checkpoint import HFCheckpoint, open_hf_checkpoint
-from engram_store.errors import EngramStoreError, StoreCorruptError
+from engram_store.errors import EngramStoreError
 from engram_store.format.fp8_rows import FORMAT_NAME, ROW_BYTES
+from engram_store.rank_order import passes, write_in_rank_order
 from engram_store.writer import StoreWriter
 
 DEFAULT_BUCKET_BYTES = 1 << 30
 DEFAULT_CHUNK_ROWS = 1 << 18  # 66 MiB of packed rows per sequential read
 _WRITE_ROWS = 1 << 17  # rows per StoreWriter.write_rows call (33 MiB)
-
-
-def _record(row_bytes: int) -> np.dtype:
-    """One scattered row: its rank, then its bytes (no padding: the files are read back whole)."""
-    return np.dtype([("rank", "<u4"), ("row", np.uint8, (row_bytes,))])
 
 
 def import_hf_checkpoint(checkpoint, out, *, counts: Counts | None = None, backend: str = "mmap",
@@ -104,70 +98,19 @@ def _copy_in_order(ckpt: HFCheckpoint, w: StoreWriter, name: str, chunk_rows: in
 
 def _permute(ckpt: HFCheckpoint, w: StoreWriter, name: str, order: np.ndarray, scratch_parent: Path,
              bucket_bytes: int, chunk_rows: int, progress: bool) -> None:
-    """Write table ``name`` to ``w`` in rank order (``order[rank] = row``) by the two-pass bucket permutation."""
+    """Write table ``name`` to ``w`` in rank order (``order[rank] = row``) by the two-pass bucket permutation
+    (:func:`engram_store.rank_order.write_in_rank_order`)."""
     rows = ckpt.tables[name].rows
     if rows >= 2**32:
         raise EngramStoreError(f"table {name!r} has {rows} rows: ranks beyond 2**32 are not supported")
     rank_of = np.empty(rows, dtype=np.uint32)
     rank_of[order] = np.arange(rows, dtype=np.uint32)
-    bucket_rows = max(1, bucket_bytes // ROW_BYTES)
-    n_buckets = -(-rows // bucket_rows) if rows else 0
-    if n_buckets <= 1:  # the table fits the bucket buffer: one pass in memory
-        buf = np.empty((rows, ROW_BYTES), dtype=np.uint8)
-        with _bar(rows * ROW_BYTES, f"import {name}", progress) as bar:
-            start = 0
-            for chunk in ckpt.iter_rows(name, chunk_rows=chunk_rows):
-                n = chunk.shape[0]
-                buf[rank_of[start:start + n]] = chunk.numpy()
-                start += n
-                bar.update(chunk.numel())
-        _write(w, name, buf)
-        return
-    rec = _record(ROW_BYTES)
-    scratch = scratch_parent / f".{scratch_parent.name}.{name}.import-{uuid.uuid4().hex[:12]}"
-    scratch.mkdir(parents=True)
-    try:
-        paths = [scratch / f"bucket-{b:06d}" for b in range(n_buckets)]
-        files = [open(p, "wb") for p in paths]
-        try:
-            with _bar(rows * ROW_BYTES, f"import {name} 1/2", progress) as bar:
-                start = 0
-                for chunk in ckpt.iter_rows(name, chunk_rows=chunk_rows):
-                    n = chunk.shape[0]
-                    ranks = rank_of[start:start + n]
-                    bucket = ranks // np.uint32(bucket_rows)
-                    by_bucket = np.argsort(bucket, kind="stable")
-                    tagged = np.empty(n, dtype=rec)
-                    tagged["rank"] = ranks[by_bucket]
-                    tagged["row"] = chunk.numpy()[by_bucket]
-                    ends = np.cumsum(np.bincount(bucket, minlength=n_buckets))
-                    lo = 0
-                    for b in np.flatnonzero(np.diff(ends, prepend=0)):
-                        hi = int(ends[b])
-                        files[b].write(tagged[lo:hi].data)
-                        lo = hi
-                    start += n
-                    bar.update(chunk.numel())
-        finally:
-            for f in files:
-                f.close()
-        del rank_of
-        with _bar(rows * ROW_BYTES, f"import {name} 2/2", progress) as bar:
-            buf = np.empty((bucket_rows, ROW_BYTES), dtype=np.uint8)
-            for b, p in enumerate(paths):
-                lo = b * bucket_rows
-                n = min(bucket_rows, rows - lo)
-                tagged = np.fromfile(p, dtype=rec)
-                if tagged.size != n:
-                    raise StoreCorruptError(f"scratch bucket {p} holds {tagged.size} rows, expected {n}: the disk "
-                                            "lost data during the import; nothing was committed, import again")
-                buf[tagged["rank"] - lo] = tagged["row"]
-                del tagged
-                os.unlink(p)
-                _write(w, name, buf[:n])
-                bar.update(n * ROW_BYTES)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    scratch = scratch_parent / f".{w.path.name}.{name}.import-{uuid.uuid4().hex[:12]}"  # swept with w's partials
+    total = passes(rows, ROW_BYTES, bucket_bytes) * rows * ROW_BYTES
+    with _bar(total, f"import {name}", progress) as bar:
+        write_in_rank_order((c.numpy() for c in ckpt.iter_rows(name, chunk_rows=chunk_rows)), rank_of,
+                            lambda buf: _write(w, name, buf), row_bytes=ROW_BYTES, scratch=scratch,
+                            bucket_bytes=bucket_bytes, progress=bar.update)
 
 
 def _write(w: StoreWriter, name: str, rows: np.ndarray) -> None:
