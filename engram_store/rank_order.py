@@ -13,8 +13,8 @@ Why: both passes read and write sequentially (large appends, one file per bucket
 page caches do best; an external merge sort moves every byte ``log(n/R)`` times, and placing rows
 by random writes into the final file costs a page write per row.
 
-Peak memory (bytes): ``bucket_bytes`` (one bucket buffer) + ``2 * chunk_rows * (row_bytes + 4)``
-(a source chunk and its tagged copy) + the caller's ``rank_of`` (4 per row). Scratch disk: the
+Peak memory (bytes): ``bucket_bytes`` (one bucket buffer) + ``4 * chunk_rows * (row_bytes + 4)``
+(the chunk being permuted, its sorted copy, and two chunks read ahead on a thread) + the caller's ``rank_of`` (4 per row). Scratch disk: the
 rows' size plus 4 bytes per row, under ``scratch`` (created and removed here, also on failure).
 Used by ``engram_pipeline.import_hf`` (checkpoint -> store) and ``engram_store.sharded``
 (writing and joining shards).
@@ -23,7 +23,9 @@ Used by ``engram_pipeline.import_hf`` (checkpoint -> store) and ``engram_store.s
 from __future__ import annotations
 
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,9 +36,48 @@ from engram_store.errors import EngramStoreError, StoreCorruptError, StoreWriteE
 DEFAULT_BUCKET_BYTES = 1 << 30
 
 
-def _record(row_bytes: int) -> np.dtype:
-    """One scattered row: its rank, then its bytes (no padding: the files are read back whole)."""
-    return np.dtype([("rank", "<u4"), ("row", np.uint8, (row_bytes,))])
+def _items(a: np.ndarray) -> np.ndarray:
+    """uint8 ``[n, row_bytes]`` as ``n`` opaque row-sized items (a view): a fancy assignment then
+    moves each row with one copy instead of element by element (measured 2x a 2-D assignment)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.dtype((np.void, a.shape[1]))).reshape(a.shape[0])
+
+
+def ahead(iterable: Iterable, depth: int = 2):
+    """``iterable``'s items, produced ``depth`` ahead on a thread: the next chunk is read from disk
+    while this one is permuted and written (file reads and NumPy copies release the GIL)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for x in iterable:
+                if stop.is_set():
+                    return
+                items.put(x)
+            items.put(done)
+        except BaseException as e:  # re-raised on the consumer's thread
+            items.put(e)
+
+    th = threading.Thread(target=produce, name="engram-read-ahead", daemon=True)
+    th.start()
+    try:
+        while True:
+            x = items.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        while th.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        th.join()
 
 
 def bucket_rows(row_bytes: int, bucket_bytes: int) -> int:
@@ -67,10 +108,11 @@ def write_in_rank_order(chunks: Iterable, rank_of: np.ndarray, sink: Callable[[n
     tick = progress or (lambda _n: None)
     if rows <= R:  # fits the bucket buffer: one pass in memory
         buf = np.empty((rows, row_bytes), dtype=np.uint8)
+        slots = _items(buf)
         start = 0
-        for chunk in chunks:
+        for chunk in ahead(chunks):
             c = np.asarray(chunk)
-            buf[rank_of[start:start + c.shape[0]]] = c
+            slots[rank_of[start:start + c.shape[0]]] = _items(c)
             start += c.shape[0]
             tick(c.nbytes)
         _check_count(start, rows)
@@ -78,45 +120,56 @@ def write_in_rank_order(chunks: Iterable, rank_of: np.ndarray, sink: Callable[[n
             sink(buf)
         return
     n_buckets = -(-rows // R)
-    rec = _record(row_bytes)
     Path(scratch).mkdir(parents=True)
     try:
-        paths = [Path(scratch) / f"bucket-{b:06d}" for b in range(n_buckets)]
-        files = [open(p, "wb") for p in paths]
+        # bucket b: its rows (row_bytes each) and their ranks (<u4), in two files
+        paths = [(Path(scratch) / f"bucket-{b:06d}.rows", Path(scratch) / f"bucket-{b:06d}.ranks")
+                 for b in range(n_buckets)]
+        files = [(open(a, "wb"), open(r, "wb")) for a, r in paths]
         try:
             start = 0
-            for chunk in chunks:
+            for chunk in ahead(chunks):
                 c = np.asarray(chunk)
                 n = c.shape[0]
                 ranks = rank_of[start:start + n]
                 bucket = ranks // np.uint32(R)
                 by_bucket = np.argsort(bucket, kind="stable")
-                tagged = np.empty(n, dtype=rec)
-                tagged["rank"] = ranks[by_bucket]
-                tagged["row"] = c[by_bucket]
+                # rows into bucket order by a scatter of row items (NumPy's item assignment copies a
+                # row at once; its take of the same items is 10x slower)
+                dest = np.empty(n, dtype=np.int64)
+                dest[by_bucket] = np.arange(n)
+                sorted_rows = np.empty(n, dtype=np.dtype((np.void, row_bytes)))
+                sorted_rows[dest] = _items(c)
+                sorted_ranks = ranks[by_bucket]
                 ends = np.cumsum(np.bincount(bucket, minlength=n_buckets))
                 lo = 0
                 for b in np.flatnonzero(np.diff(ends, prepend=0)):
                     hi = int(ends[b])
-                    files[b].write(tagged[lo:hi].data)
+                    files[b][0].write(sorted_rows[lo:hi].data)
+                    files[b][1].write(sorted_ranks[lo:hi].astype("<u4", copy=False).data)
                     lo = hi
                 start += n
                 tick(c.nbytes)
             _check_count(start, rows)
         finally:
-            for f in files:
+            for f, g in files:
                 f.close()
+                g.close()
         buf = np.empty((R, row_bytes), dtype=np.uint8)
-        for b, p in enumerate(paths):
+        slots = _items(buf)
+        for b, (rows_path, ranks_path) in enumerate(paths):
             lo = b * R
             n = min(R, rows - lo)
-            tagged = np.fromfile(p, dtype=rec)
-            if tagged.size != n:
-                raise StoreCorruptError(f"scratch bucket {p} holds {tagged.size} rows, expected {n}: the disk "
-                                        "lost data during the write; nothing was committed, write again")
-            buf[tagged["rank"] - lo] = tagged["row"]
-            del tagged
-            os.unlink(p)
+            got = np.fromfile(rows_path, dtype=np.dtype((np.void, row_bytes)))
+            ranks = np.fromfile(ranks_path, dtype="<u4")
+            if got.size != n or ranks.size != n:
+                raise StoreCorruptError(f"scratch bucket {rows_path} holds {got.size} rows and {ranks.size} ranks, "
+                                        f"expected {n}: the disk lost data during the write; nothing was committed, "
+                                        "write again")
+            slots[ranks - lo] = got
+            del got, ranks
+            os.unlink(rows_path)
+            os.unlink(ranks_path)
             sink(buf[:n])
             tick(n * row_bytes)
     except OSError as e:

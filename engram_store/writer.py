@@ -142,21 +142,18 @@ class StoreWriter:
         only a block split across two calls is copied, so a large import moves each byte once here.
         """
         bb = st.block_rows * st.info.row_bytes
-        blocks = []
         if st.pending:
             take = min(bb - len(st.pending), len(raw))
             st.pending += raw[:take]
             raw = raw[take:]
             if len(st.pending) == bb or (final and not len(raw)):
-                blocks.append(memoryview(bytes(st.pending)))
+                self._rows.write_blocks(st.name, memoryview(bytes(st.pending)), bb)
                 st.pending = bytearray()
         if not st.pending:  # raw starts on a block boundary
             end = len(raw) if final else len(raw) // bb * bb
-            run = raw[:end]
-            blocks.extend(run[i: i + bb] for i in range(0, end, bb))  # a slice past the end is clamped
+            if end:
+                self._rows.write_blocks(st.name, raw[:end], bb)
             st.pending = bytearray(raw[end:])
-        if blocks:
-            self._rows.write_blocks(st.name, blocks)
 
     # -- commit / abort ------------------------------------------------------------------
     def commit(self) -> Path:

@@ -262,26 +262,32 @@ class FlatFileWriter:
         self._stride[name] = block_stride(block_rows, info.row_bytes)
         self._pad[name] = 0
 
-    def write_blocks(self, name: str, blocks: list[memoryview]) -> None:
+    def write_blocks(self, name: str, data: memoryview, block_bytes: int) -> None:
+        """Append ``data``: whole blocks of ``block_bytes``, the table's last one possibly short."""
         # the pad goes in front of the next block, so the file ends with the last block's rows
         f, stride, pad = self._files[name], self._stride[name], self._pad[name]
-        self._crcs[name].extend(crc32(b) for b in blocks)
-        full = blocks if len(blocks[-1]) == len(blocks[0]) else blocks[:-1]  # all but a short last block
-        if len(full) > 1 and stride > len(full[0]):
-            # many whole blocks: lay them out padded in one buffer and write it at once (a write per
-            # block and pad costs more than the copy)
-            bb = len(full[0])
-            out = np.zeros((len(full), stride), dtype=np.uint8)
-            out[:, :bb] = np.frombuffer(b"".join(full), np.uint8).reshape(-1, bb)
-            f.write(bytes(pad))
-            f.write(memoryview(out).cast("B")[: out.size - (stride - bb)])
-            pad = stride - bb
-            blocks = blocks[len(full):]
-        for b in blocks:
-            if pad:
+        crcs = self._crcs[name]
+        n_full = len(data) // block_bytes
+        whole = np.frombuffer(data, np.uint8, n_full * block_bytes).reshape(n_full, block_bytes)
+        crcs.extend(crc32(row) for row in whole)
+        if n_full:
+            if stride > block_bytes:
+                # lay the blocks out padded in one buffer and write it at once (a write per block and
+                # pad costs more than the copy)
+                out = np.zeros((n_full, stride), dtype=np.uint8)
+                out[:, :block_bytes] = whole
                 f.write(bytes(pad))
-            f.write(b)
-            pad = stride - len(b)
+                f.write(memoryview(out).cast("B")[: out.size - (stride - block_bytes)])
+            else:
+                f.write(bytes(pad))
+                f.write(data[: n_full * block_bytes])
+            pad = stride - block_bytes
+        tail = data[n_full * block_bytes:]
+        if len(tail):
+            crcs.append(crc32(tail))
+            f.write(bytes(pad))
+            f.write(tail)
+            pad = stride - len(tail)
         self._pad[name] = pad
 
     def finish_table(self, name: str) -> dict:

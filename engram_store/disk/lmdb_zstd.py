@@ -224,11 +224,13 @@ class LmdbWriter:
         elif self._env.info()["map_size"] < need:
             self._env.set_mapsize(need)
 
-    def write_blocks(self, name: str, blocks: list[memoryview]) -> None:
+    def write_blocks(self, name: str, data: memoryview, block_bytes: int) -> None:
+        """Append ``data``: whole blocks of ``block_bytes``, the table's last one possibly short."""
         itemsize, b = self._tables[name]
         with self._env.begin(write=True) as txn:
-            for raw in blocks:
-                txn.put(block_key(name, b), encode_block(raw, itemsize, self.shuffle, self._cctx))
+            for i in range(0, len(data), block_bytes):
+                txn.put(block_key(name, b), encode_block(data[i: i + block_bytes], itemsize, self.shuffle,
+                                                         self._cctx))
                 b += 1
         self._tables[name] = (itemsize, b)
 
