@@ -200,11 +200,7 @@ class TieredStore:
         with self._lock:
             if self._closed:
                 raise StoreClosedError(f"store {str(self.path)!r} is closed")
-            policy = t.dram.policy
-            keys = np.unique(ids)
-            keys = keys[policy.slot_of[keys] > -2]  # HBM ids carry slot -2 - rank
-            if keys.size:
-                policy.hint(keys)
+            t.hint(ids)
 
     def lookup(self, table: str, row_ids, *, dequantize: bool = True) -> torch.Tensor:
         """``prefetch(table, row_ids, dequantize=...).wait()``. Thread-safe."""

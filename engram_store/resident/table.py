@@ -152,6 +152,15 @@ class ResidentTable:
     def release(self, token: int) -> None:
         self.dram.policy.release(token)
 
+    def hint(self, ids: np.ndarray) -> None:
+        """Announce the ids of an upcoming prefetch to the DRAM policy (``SlotPolicy.hint``); HBM ids
+        need no hint and are left out."""
+        policy = self.dram.policy
+        keys = np.unique(ids)
+        keys = keys[policy.slot_of[keys] > -2]  # HBM ids carry slot -2 - rank
+        if keys.size:
+            policy.hint(keys)
+
     def forget_load(self, slots: np.ndarray, load_id: int) -> None:
         """Forget the slots a failed load was filling (their bytes are not valid)."""
         self.dram.invalidate(slots, load_id)
