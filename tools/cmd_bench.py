@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="training tokens counted for a text trace's ranks (about; 0: the whole training part)")
     h.add_argument("--order", default="streams", choices=["streams", "shuffled", "in-order"],
                    help="how held-out sequences form batches (streams: B documents side by side)")
-    h.add_argument("--zipf", default="0.8,1.0,1.2", help="Zipf exponents of synthetic traces ('' for none)")
+    h.add_argument("--zipf", default="1.0", help="Zipf exponents of synthetic traces ('' for none; 0.8,1.0,1.2 for the set)")
     h.add_argument("--zipf-rows", type=int, default=200_000, help="rows of each synthetic table")
     h.add_argument("--steps", type=int, default=30, help="forward steps of each synthetic trace")
     h.add_argument("--zipf-batch", type=int, default=4, help="sequences per step of a synthetic trace")
