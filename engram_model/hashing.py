@@ -153,6 +153,9 @@ class HashConfig:
         return _from_hf_config(cls, config, compression)
 
 
+_MAX_HF_LIST = 1024  # entries of a list field (layer ids, table sizes)
+
+
 def _hf_fields(config) -> dict:
     """The engram_* fields of a config.json dict (under text_config, or at the top level)."""
     if not isinstance(config, dict):
@@ -170,24 +173,29 @@ def _hf_fields(config) -> dict:
             "names them all (DeepSeek-V4.1: under text_config)"
         )
 
-    def integer(name, value, low):
+    # Upper bounds far above any real model (V4.1: 8 heads, orders up to 4, 16 M, 384 M rows) keep a
+    # malformed config from starting a prime search that never ends.
+    def integer(name, value, low, high=2**62):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise CheckpointError(f"config.json {name} must be an integer >= {low}, got {value!r}")
+        if value > high:
+            raise CheckpointError(f"config.json {name} must be an integer <= {high}, got {value!r}")
         return value
 
     def integers(name, low, count=None):
         value = fields[name]
         values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(values, list) or not values:
-            raise CheckpointError(f"config.json {name} must be an integer or a non-empty list of them, got {value!r}")
+        if not isinstance(values, list) or not values or len(values) > _MAX_HF_LIST:
+            raise CheckpointError(f"config.json {name} must be an integer or a non-empty list of at most "
+                                  f"{_MAX_HF_LIST} of them, got {value!r}")
         values = [integer(f"{name}[{i}]", v, low) for i, v in enumerate(values)]
         if count is not None and len(values) != count and len(values) != 1:
             raise CheckpointError(f"config.json {name} has {len(values)} entries, expected {count} (or one for all)")
         return values if count is None or len(values) == count else values * count
 
     out = {"layer_ids": integers("engram_layer_ids", 0)}
-    out["max_ngram"] = integer("engram_max_ngram_size", fields["engram_max_ngram_size"], 2)
-    out["heads"] = integer("engram_n_heads", fields["engram_n_heads"], 1)
+    out["max_ngram"] = integer("engram_max_ngram_size", fields["engram_max_ngram_size"], 2, 64)
+    out["heads"] = integer("engram_n_heads", fields["engram_n_heads"], 1, 4096)
     out["table_sizes"] = integers("engram_vocab_size", 2, count=out["max_ngram"] - 1)
     out["num_embeddings"] = integers("engram_num_embeddings", 1, count=len(out["layer_ids"]))
     out["compressed_vocab_size"] = integer("engram_compressed_vocab_size", fields["engram_compressed_vocab_size"], 1)
@@ -225,6 +233,14 @@ def _from_hf_config(cls, config, compression) -> HashConfig:
         raise
     except EngramStoreError as e:
         raise CheckpointError(f"config.json engram_* fields do not make a hash config: {e}") from None
+    floor = hc.heads * sum(hc.table_sizes)  # every head's prime is at least its order's engram_vocab_size
+    for layer_id, rows in zip(hc.layer_ids, f["num_embeddings"]):
+        if rows < floor:
+            raise CheckpointError(
+                f"config.json engram_num_embeddings gives layer {layer_id} {rows} rows, fewer than its "
+                f"{hc.max_ngram - 1}x{hc.heads} head primes from engram_vocab_size {list(hc.table_sizes)} can sum "
+                f"to (>= {floor}): the config is edited or not this hash; fix engram_num_embeddings or "
+                "engram_vocab_size")
     primes = layer_primes(hc)
     for layer_id, rows in zip(hc.layer_ids, f["num_embeddings"]):
         total = sum(sum(order) for order in primes[layer_id])

@@ -84,7 +84,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise StoreCorruptError(f"{path}: the safetensors header is not valid JSON ({e}); "
                                 "the shard is corrupt: download it again") from None
     if not isinstance(header, dict):
@@ -102,14 +102,19 @@ def tensor_ref(path: Path, header: dict, data_start: int, size: int, name: str, 
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise StoreCorruptError(f"{path}: header entry of {name!r} lacks dtype/shape/data_offsets; "
                                 "the shard is corrupt: download it again")
+    got_shape, offsets = entry["shape"], entry["data_offsets"]
+    if not _int_list(got_shape) or not (_int_list(offsets) and len(offsets) == 2):
+        raise StoreCorruptError(f"{path}: header entry of {name!r} has shape {got_shape!r} and data_offsets "
+                                f"{offsets!r}, not lists of non-negative integers; the shard is corrupt: "
+                                "download it again")
     if entry["dtype"] != dtype:
         raise CheckpointError(f"{path}: tensor {name!r} has dtype {entry['dtype']}, expected {dtype}; "
                               "only V4.1's FP8 rows (F8_E4M3 values, F8_E8M0 scales) can be imported")
-    if [int(d) for d in entry["shape"]] != list(shape):
-        raise CheckpointError(f"{path}: tensor {name!r} has shape {list(entry['shape'])}, expected {list(shape)} "
+    if list(got_shape) != list(shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has shape {list(got_shape)}, expected {list(shape)} "
                               f"(from {CONFIG}'s engram_num_embeddings and engram_head_dim); "
                               "the config does not belong to these shards")
-    begin, end = (int(x) for x in entry["data_offsets"])
+    begin, end = offsets
     nbytes = int(np.prod(shape)) * _ITEMSIZE[dtype]
     if begin < 0 or end - begin != nbytes:
         raise StoreCorruptError(f"{path}: tensor {name!r} spans data bytes {begin}..{end}, but {dtype} "
@@ -118,6 +123,11 @@ def tensor_ref(path: Path, header: dict, data_start: int, size: int, name: str, 
         raise StoreCorruptError(f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file "
                                 f"has {size} bytes; download the shard again")
     return TensorRef(name, path, dtype, tuple(shape), data_start + begin, nbytes)
+
+
+def _int_list(v) -> bool:
+    """A JSON list of non-negative integers (bools are not)."""
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)
 
 
 # -- the tokenizer ------------------------------------------------------------------------
@@ -157,7 +167,7 @@ def _read_json(path: Path, what: str) -> dict:
                                  "download the whole checkpoint")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise StoreCorruptError(f"{path} is not valid JSON ({e}); download it again") from None
     if not isinstance(data, dict):
         raise StoreCorruptError(f"{path} is not a JSON object; download it again")
@@ -172,7 +182,7 @@ def is_hf_checkpoint(dir) -> bool:
         return True
     try:
         cfg = json.loads((root / CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(cfg, dict) and cfg.get("format") != "engram-lm" and isinstance(cfg.get("text_config"), dict) \
         and "engram_layer_ids" in cfg["text_config"]

@@ -49,7 +49,7 @@ def read_manifest(path: Path) -> dict:
         raise StoreNotFoundError(f"store {str(path)!r} has no {MANIFEST}: it is incomplete; rebuild it")
     try:
         manifest = json.loads(mpath.read_text("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: absurd nesting
         raise StoreCorruptError(f"{mpath}: manifest is not valid JSON ({e}); rebuild the store") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreCorruptError(f"{mpath}: not an engram-store manifest")

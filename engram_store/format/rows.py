@@ -107,12 +107,23 @@ def check_table_name(name: str) -> str:
 
 def table_info(name: str, entry: dict) -> TableInfo:
     """The :class:`TableInfo` of manifest entry ``entry``, or StoreCorruptError if it is malformed."""
+    def whole(key):
+        v = entry.get(key)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{key} is {v!r}, not an integer")
+        return v
+
     try:
-        info = TableInfo(int(entry["rows"]), int(entry["dim"]), DTYPES[entry["dtype"]], entry.get("row_format"))
+        if not isinstance(entry, dict):
+            raise TypeError(f"the entry is {type(entry).__name__}, not an object")
+        if not isinstance(entry.get("row_format"), (str, type(None))):
+            raise TypeError(f"row_format is {entry['row_format']!r}")
+        info = TableInfo(whole("rows"), whole("dim"), DTYPES[entry["dtype"]], entry.get("row_format"))
         check_row_format(info.row_format, info.dtype, info.dim, f"table {name!r}")
+        row_bytes = whole("row_bytes")
     except (KeyError, TypeError, ValueError) as e:
         raise StoreCorruptError(f"manifest entry of table {name!r} is malformed ({e!r}); rebuild the store") from e
-    if info.rows < 0 or info.dim < 1 or int(entry.get("row_bytes", -1)) != info.row_bytes:
+    if info.rows < 0 or info.dim < 1 or row_bytes != info.row_bytes:
         raise StoreCorruptError(f"manifest entry of table {name!r} is inconsistent; rebuild the store")
     return info
 

@@ -134,7 +134,7 @@ def read_layout(path: str | os.PathLike) -> dict:
         )
     try:
         layout = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
         raise StoreCorruptError(f"{p} is not valid JSON ({exc}); rebuild the sharded store") from exc
     if not isinstance(layout, dict) or layout.get("format") != LAYOUT_FORMAT or layout.get("version") != LAYOUT_VERSION:
         got = layout if not isinstance(layout, dict) else (layout.get("format"), layout.get("version"))
@@ -154,7 +154,7 @@ def read_layout(path: str | os.PathLike) -> dict:
     for name, entry in layout["tables"].items():
         ok = isinstance(entry, dict) and all(isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
                                              and entry[k] >= (1 if k == "dim" else 0) for k in ("rows", "dim"))
-        if not ok or entry.get("dtype") not in DTYPES:
+        if not ok or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPES:
             raise StoreCorruptError(f"{p}: table {name!r} entry {entry!r} is malformed (rows, dim, dtype); "
                                     "rebuild the sharded store")
     owners_of(layout, str(p))  # every table's owner function must parse
