@@ -11,6 +11,8 @@
    order from a random permutation per table with ``--order random``, i.e. the bucket permutation)
    into one partial directory committed at once. Reported: seconds, MB/s of packed rows, peak RSS
    against the bound of ``write_shards``' docstring plus the process's baseline (imports).
+   Side by side, the peer: ``import_hf_checkpoint`` of the same checkpoint in the same rank order into
+   ONE store, also in a fresh process (``build_vs_one_store_import_speed`` = its seconds / ours).
 3. ``--world`` gloo processes open the sharded store and each looks up ``--ids / world`` uniform
    random global ids of both tables (batches of ``--batch``, ``--depth`` prefetches in flight),
    timed; then every row is checked against the generator's truth (``expected_rows``, recomputed
@@ -76,12 +78,53 @@ def _build(ckpt: str, out: str, world: int, order_kind: str, bucket_bytes: int, 
 
 
 def peak_bound(rows: dict, world: int, order_kind: str, bucket_bytes: int, chunk_bytes: int) -> int:
-    """write_shards' stated peak for the largest table (plus the caller's int32 orders of every table)."""
+    """write_shards' stated peak above the baseline (which holds the caller's orders), largest table:
+    the checkpoint's read (3 C: its two buffers and the chunk), then with an order the permutation
+    (2 buckets or 4 C, whichever pass is larger) and 12 + 9 / W bytes per row; without, the remaps."""
     r = max(rows.values())
     if order_kind == "none":
-        return chunk_bytes + 4 * sum(rows.values())
-    bucket = bucket_bytes if r * ROW_BYTES > bucket_bytes else r * ROW_BYTES
-    return 3 * chunk_bytes + bucket + 12 * r + 9 * r // world + 4 * sum(rows.values())
+        return 3 * chunk_bytes + 4 * sum(rows.values())
+    table = r * ROW_BYTES
+    permute = max(2 * bucket_bytes if table > bucket_bytes else table, 4 * chunk_bytes)
+    return 3 * chunk_bytes + permute + 12 * r + 9 * r // world
+
+
+def _import_one(ckpt: str, out: str, order_kind: str, bucket_bytes: int, q) -> None:
+    """The peer: the same checkpoint and rank order into ONE store (import_hf_checkpoint), fresh process."""
+    try:
+        from engram_pipeline.counts import Counts
+        from engram_pipeline.hf_checkpoint import open_hf_checkpoint
+        from engram_pipeline.import_hf import import_hf_checkpoint
+
+        torch.set_num_threads(2)
+        counts = None
+        with open_hf_checkpoint(ckpt) as ck:
+            if order_kind == "random":  # counts whose order is the same random permutation as the build's
+                tables = {}
+                for i, (n, t) in enumerate(ck.tables.items()):
+                    c = np.empty(t.rows, dtype=np.uint32)
+                    c[np.random.default_rng(i).permutation(t.rows)] = np.arange(t.rows, 0, -1, dtype=np.uint32)
+                    tables[n] = c
+                counts = Counts(ck.fingerprint, tables, ck.hash_config.to_dict(), {n: ROW_BYTES for n in tables}, 1, 1)
+        base = _rss_now()
+        t0 = time.perf_counter()
+        import_hf_checkpoint(ckpt, out, counts=counts, bucket_bytes=bucket_bytes, progress=False)
+        q.put(("ok", {"seconds": time.perf_counter() - t0, "baseline_rss": base,
+                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    except BaseException:  # noqa: BLE001
+        q.put(("err", traceback.format_exc()))
+
+
+def _in_child(target, *args):
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, q))
+    p.start()
+    status, payload = q.get()
+    p.join()
+    if status != "ok":
+        raise SystemExit(f"bench_sharded_v41: {target.__name__} failed:\n{payload}")
+    return payload
 
 
 def _lookups(rank: int, world: int, port: int, store: str, ckpt: str, args, q) -> None:
@@ -169,6 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--depth", type=int, default=4, help="prefetches in flight per rank (default 4)")
     ap.add_argument("--dram-bytes", type=int, default=0,
                     help="DRAM tier per rank (default 0: every row from the shard's file, page cache allowing)")
+    ap.add_argument("--no-peer", action="store_true", help="skip the one-store import_hf peer run")
     ap.add_argument("--dir", default=None, help="working directory (default: a temporary one, removed)")
     ap.add_argument("--timeout", type=float, default=3600, help="lookup phase timeout, seconds")
     args = ap.parse_args(argv)
@@ -182,14 +226,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         gen = write_v41_checkpoint(ckpt, engram_vocab_size=args.vocab, overwrite=True, progress=False)
         gen_s = time.perf_counter() - t0
-        q = mp.get_context("spawn").Queue()
-        p = mp.get_context("spawn").Process(target=_build, args=(str(ckpt), str(store), args.world, args.order,
-                                                                  args.bucket_bytes, args.chunk_bytes, q))
-        p.start()
-        status, build = q.get()
-        p.join()
-        if status != "ok":
-            raise SystemExit(f"bench_sharded_v41: build failed:\n{build}")
+        build = _in_child(_build, str(ckpt), str(store), args.world, args.order, args.bucket_bytes, args.chunk_bytes)
+        peer = None
+        if not args.no_peer:
+            peer = _in_child(_import_one, str(ckpt), str(root / "one"), args.order, args.bucket_bytes)
+            shutil.rmtree(root / "one", ignore_errors=True)
         nbytes = sum(build["rows"].values()) * ROW_BYTES
         bound = peak_bound(build["rows"], args.world, args.order, args.bucket_bytes, args.chunk_bytes)
         ranks = _spawn_lookups(store, ckpt, args)
@@ -205,6 +246,9 @@ def main(argv=None) -> int:
             "build_baseline_rss_gib": round(build["baseline_rss"] / 2**30, 3),
             "peak_bound_gib": round(bound / 2**30, 3),
             "peak_over_baseline_within_bound": build["peak_rss"] - build["baseline_rss"] <= bound,
+            "peer_import_one_store_s": None if peer is None else round(peer["seconds"], 2),
+            "peer_import_peak_rss_gib": None if peer is None else round(peer["peak_rss"] / 2**30, 3),
+            "build_vs_one_store_import_speed": None if peer is None else round(peer["seconds"] / build["seconds"], 3),
             "lookup_ids": ids, "lookup_rows_per_s": round(ids / lookup_s), "dram_bytes_per_rank": args.dram_bytes,
             "bytes_sent": sum(r["bytes_sent"] for r in ranks), "wrong_rows": wrong,
         }

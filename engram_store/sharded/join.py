@@ -22,7 +22,7 @@ from engram_store.errors import InvalidValuesError
 from engram_store.ids import as_permutation
 from engram_store.rank_order import DEFAULT_BUCKET_BYTES, write_in_rank_order
 from engram_store.sharded.layout import check_shard_manifest, owners_of, read_layout, shard_dir_name
-from engram_store.sharded.write import DEFAULT_CHUNK_BYTES
+from engram_store.sharded.write import DEFAULT_CHUNK_BYTES, WRITE_BYTES
 from engram_store.store import open as open_store
 from engram_store.writer import StoreWriter
 
@@ -43,7 +43,7 @@ def join_shards(path: str | os.PathLike, out: str | os.PathLike | None = None, *
     - neither: returns ``{name: Tensor[rows, dim]}`` (small tables: they are built in memory).
 
     Every shard's manifest is checked against ``shards.json``. Peak memory (bytes), ``rows`` the
-    largest table's: ``bucket_bytes`` (when the table exceeds it) + ``3 * chunk_bytes`` + ``4 * rows``
+    largest table's: ``2 * bucket_bytes`` (when the table exceeds one) + ``4 * chunk_bytes`` + ``4 * rows``
     (destination of every row) + ``16 * rows / n_shards`` (one shard's remap inversion, transient)
     + with ``out``, the writer's remap (4 per row, and ``9 * rows`` once for a given ``order``).
     Scratch disk: the table's size + 4 bytes per row, in the output's partial directory or in
@@ -134,10 +134,14 @@ def _join_table(stores, name: str, owner, target: np.ndarray | None, sink: Sink,
 
     pos = [0]
 
+    piece = max(1, WRITE_BYTES // info.row_bytes)
+
     def place(buf: np.ndarray) -> None:
-        a = pos[0]
-        pos[0] += buf.shape[0]
-        sink(name, a, pos[0], torch.from_numpy(buf).view(info.dtype))
+        for k in range(0, buf.shape[0], piece):  # small calls: a writer may copy what one call gives it
+            part = buf[k:k + piece]
+            a = pos[0]
+            pos[0] += part.shape[0]
+            sink(name, a, pos[0], torch.from_numpy(part).view(info.dtype))
 
     scratch = Path(scratch_parent) / f".{label}.{name}.join-{uuid.uuid4().hex[:12]}"
     write_in_rank_order(chunks(), rank_of, place, row_bytes=info.row_bytes, scratch=scratch,

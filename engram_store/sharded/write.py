@@ -36,6 +36,7 @@ from engram_store.sharded.sources import RowSource, TableSpec, as_source
 from engram_store.writer import StoreWriter
 
 DEFAULT_CHUNK_BYTES = 64 << 20
+WRITE_BYTES = 32 << 20  # bytes per StoreWriter.write_rows call out of a bucket
 
 
 def write_shards(
@@ -65,12 +66,14 @@ def write_shards(
     layout id, global rows, and per table the rows and heads the shard owns). ``progress(nbytes)``
     is called as rows move. ``writer_options`` go to every :class:`StoreWriter`.
 
-    Peak memory (bytes), ``rows`` the largest table's: ``chunk_bytes`` (one source range) and, with
-    ``order``, ``2 * chunk_bytes`` more (its tagged copy) + ``bucket_bytes`` (one bucket buffer,
-    only when the table exceeds it) + ``12 * rows`` (the combined rank of every row, uint32; every
-    shard's local order, int32 below 2**31 rows, until its writer holds it; the writers' remap
-    arrays, 4 per row in all) + ``9 * rows / n_shards`` (one writer's permutation check) + the
-    caller's ``order``. Without ``order``: ``chunk_bytes`` + ``4 * rows`` (remaps). Scratch disk
+    Peak memory (bytes), ``rows`` the largest table's and ``C = chunk_bytes``: the source's read
+    (``C``, and what the source itself buffers: ``HFCheckpoint.iter_rows`` ``2 C``) and without
+    ``order`` nothing more than the writers' remap arrays (``4 * rows`` in all). With ``order``:
+    the bucket permutation (:mod:`engram_store.rank_order`: ``2 * bucket_bytes`` in its gather
+    pass, a bucket buffer and one bucket file read back, when the table exceeds one bucket; about
+    ``4 C`` in its scatter pass) + ``12 * rows`` (the combined rank of every row, uint32; every
+    shard's local order, int32 below 2**31 rows, until its writer holds it; the writers' remaps) +
+    ``9 * rows / n_shards`` (one writer's permutation check) + the caller's ``order``. Scratch disk
     with ``order``: the table's size + 4 bytes per row, inside the partial directory.
     Atomic: on error the partial directory is removed and an existing ``out_dir`` is intact.
     """
@@ -154,6 +157,7 @@ def _write_table(source: RowSource, name: str, spec: TableSpec, owner: Owner, or
         w.add_table(name, owner.shard_rows(i), spec.dim, spec.dtype, order=local_orders[i], row_format=spec.row_format)
         local_orders[i] = None  # the writer holds its remap now
     ends = np.cumsum([owner.shard_rows(i) for i in range(n)])
+    write_rows = _chunk_rows(spec, WRITE_BYTES)
     pos = [0]  # next combined rank the sink receives
 
     def sink(buf: np.ndarray) -> None:
@@ -161,7 +165,9 @@ def _write_table(source: RowSource, name: str, spec: TableSpec, owner: Owner, or
         while k < buf.shape[0]:
             i = int(np.searchsorted(ends, pos[0], side="right"))
             take = min(buf.shape[0] - k, int(ends[i]) - pos[0])
-            writers[i].write_rows(name, torch.from_numpy(buf[k:k + take]).view(spec.dtype))
+            for a in range(k, k + take, write_rows):  # small calls: a writer may copy what one call gives it
+                b = min(k + take, a + write_rows)
+                writers[i].write_rows(name, torch.from_numpy(buf[a:b]).view(spec.dtype))
             k += take
             pos[0] += take
 

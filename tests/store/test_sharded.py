@@ -48,6 +48,10 @@ needs_core = pytest.mark.skipif(not HAVE_CORE, reason="engram_store.write/open n
 
 # ----------------------------------------------------------------------------- harness
 
+# Exchange and process-group timeout of the tests that expect no failure: generous, because on a
+# shared 2-core machine four ranks of a loaded run can stall past 20 s (seen); a failure still ends them.
+LOAD_TIMEOUT = 60
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -73,7 +77,7 @@ def _worker(rank, world, port, fn, args, q, pg_timeout, backend):
                 pass
 
 
-def run_ranks(world, fn, *args, timeout=90.0, pg_timeout=20.0, wait_for=None, backend="gloo"):
+def run_ranks(world, fn, *args, timeout=180.0, pg_timeout=LOAD_TIMEOUT, wait_for=None, backend="gloo"):
     """Run ``fn(rank, world, *args)`` in ``world`` spawned gloo processes; returns
     ``{rank: result}`` for the ranks in ``wait_for`` (default all). Never leaves processes."""
     ctx = mp.get_context("spawn")
@@ -165,7 +169,7 @@ def _rank_dense_lookups(rank, world):
     full = _full_tables()
     infos = {n: ShardedTableInfo(t.shape[0], t.shape[1], t.dtype) for n, t in full.items()}
     out = {}
-    with ShardedStore(DenseShard.from_full(full, rank, world), infos, timeout=20) as store:
+    with ShardedStore(DenseShard.from_full(full, rank, world), infos, timeout=LOAD_TIMEOUT) as store:
         out["checked"] = _check_lookups(store, full, rank)
         # rank 0 asks only for rows it owns, the others for every row: uneven splits
         ids = torch.arange(0, 1003, world) if rank == 0 else torch.arange(1003)
@@ -193,7 +197,7 @@ def _rank_lookups(rank, world, paths):
     out = {"dense": _rank_dense_lookups(rank, world)}
     full = _full_tables()
     for backend, path in paths.items():
-        with open_sharded(path, timeout=20) as store:
+        with open_sharded(path, timeout=LOAD_TIMEOUT) as store:
             assert store.world_size == world
             out[backend] = _check_lookups(store, full, rank, steps=5)
     return out
@@ -222,7 +226,7 @@ def _rank_dies(rank, world, mode):
 def _train_table_ranks(rank, world, lazy, steps):
     from engram_model.sharded_table import ShardedEmbedding
 
-    table = ShardedEmbedding(101, 6, seed=3, lr=0.05, lazy=lazy, timeout=20)
+    table = ShardedEmbedding(101, 6, seed=3, lr=0.05, lazy=lazy, timeout=LOAD_TIMEOUT)
     for step in range(steps):
         ids, target = _train_batch(rank, step)
         loss = ((table(ids) - target) ** 2).mean()
@@ -276,7 +280,7 @@ def _train_lm_ranks(rank, world):
     model = _tiny_lm()
     w = model.tables["layer1"].weight.detach()
     table = ShardedEmbedding(w.shape[0], w.shape[1], weight=w, lr=LM_LR * 5, betas=(0.9, 0.95), eps=1e-8,
-                             lazy=False, timeout=20)
+                             lazy=False, timeout=LOAD_TIMEOUT)
     model.set_memory({1: table})
     opt = _lm_optimizer(model)
     per = 4 // world
@@ -507,7 +511,7 @@ def _rank_cuda_lookups(rank, world):
     full = _full_tables()
     infos = {n: ShardedTableInfo(t.shape[0], t.shape[1], t.dtype) for n, t in full.items()}
     local = DenseShard.from_full({n: t.cuda() for n, t in full.items()}, rank, world)
-    with ShardedStore(local, infos, device="cuda", timeout=20) as store:
+    with ShardedStore(local, infos, device="cuda", timeout=LOAD_TIMEOUT) as store:
         store._exchange.short_circuit = False  # run the collectives even with one rank
         n = 0
         for step in range(5):
@@ -741,7 +745,7 @@ def _rank_head_ranges(rank, world, steps, paths, v41):
     owners = _head_owners(world)
     infos = {n: ShardedTableInfo(t.shape[0], t.shape[1], t.dtype, owners[n]) for n, t in full.items()}
     out = {}
-    with ShardedStore(DenseShard.from_full(full, rank, world, owners), infos, timeout=20) as store:
+    with ShardedStore(DenseShard.from_full(full, rank, world, owners), infos, timeout=LOAD_TIMEOUT) as store:
         out["dense"] = _check_lookups(store, full, rank, steps=4)
         st = store.stats()["exchange"]
         # a rank's ids inside its own heads never leave it (the point of head ranges)
@@ -751,12 +755,12 @@ def _rank_head_ranges(rank, world, steps, paths, v41):
         out["own_heads_bytes"] = store.stats()["exchange"]["bytes_sent"] - before - 24 * (world - 1)
         out["bytes_sent"] = st["bytes_sent"]
     for backend, path in paths.items():
-        with open_sharded(path, timeout=20) as store:
+        with open_sharded(path, timeout=LOAD_TIMEOUT) as store:
             out[backend] = _check_lookups(store, full, rank, steps=3)
     if v41 is not None:
         from engram_pipeline.v41_checkpoint import expected_rows
 
-        with open_sharded(v41, timeout=20) as store:
+        with open_sharded(v41, timeout=LOAD_TIMEOUT) as store:
             n = 0
             for name, info in store.tables.items():
                 ids = torch.randint(0, info.rows, (3, 700), generator=torch.Generator().manual_seed(rank))
@@ -768,7 +772,7 @@ def _rank_head_ranges(rank, world, steps, paths, v41):
             out["v41"] = n
     out["table"] = {}
     for lazy in (True, False):
-        table = ShardedEmbedding(101, 6, seed=3, lr=0.05, lazy=lazy, timeout=20, owner=HeadRanges(TRAIN_HEADS, world))
+        table = ShardedEmbedding(101, 6, seed=3, lr=0.05, lazy=lazy, timeout=LOAD_TIMEOUT, owner=HeadRanges(TRAIN_HEADS, world))
         assert table.local_weight.shape[0] == table.owner.shard_rows(rank)
         for step in range(steps):
             ids, target = _train_batch(rank, step)
@@ -795,7 +799,7 @@ def test_head_ranges_lookups_and_training_equal_one_process(tmp_path, world, req
             paths[backend] = str(write_shards(tmp_path / backend, full, order, world, owner="head_ranges",
                                               head_rows=HEAD_ROWS, backend=backend))
     v41 = request.getfixturevalue("v41_sharded")["store"] if HAVE_CORE and world == 4 else None
-    results = run_ranks(world, _rank_head_ranges, steps, paths, v41, timeout=150)
+    results = run_ranks(world, _rank_head_ranges, steps, paths, v41, timeout=240)
     for lazy in (True, False):
         want = _reference_table_training(world, lazy, steps)
         for r in results.values():
