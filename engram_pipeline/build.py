@@ -259,12 +259,21 @@ def read_tables(path) -> dict[str, torch.Tensor]:
 
 
 def convert_backend(src, dst, backend: str, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Copy the store at ``src`` to ``dst`` with another backend; same rank order, fingerprint and plan."""
+    """Copy the store at ``src`` to ``dst`` with another backend; same rank order, fingerprint and plan.
+    A sharded store is joined into one store in global row order (``join_shards``, bounded memory)."""
     from tqdm import tqdm
 
     dst = Path(dst)
     _check_out(dst, overwrite)
     start = time.perf_counter()
+    if (Path(src) / "shards.json").is_file():  # a sharded store: joined, streaming (global row order)
+        from engram_store.sharded import join_shards, read_layout
+
+        join_shards(src, dst, backend=backend, overwrite=overwrite)
+        total = sum(int(m["rows"]) * int(m["dim"]) * DTYPES[m["dtype"]].itemsize
+                    for m in read_layout(src)["tables"].values())
+        return {"source": str(src), "store": str(dst), "backend": backend, "bytes": total,
+                "seconds": time.perf_counter() - start}
     with TieredStore(src, device="cpu") as store:
         total = sum(i.nbytes for i in store.tables.values())
         with StoreWriter(dst, backend=backend, fingerprint=store.fingerprint,

@@ -830,3 +830,18 @@ def test_cli_build_shards_owner_head_ranges(v41_sharded, tmp_path, capsys):
     assert main(["build", "--checkpoint", str(ckpt), "--owner", "head_ranges", "-o", str(tmp_path / "t")]) == 2
     assert "--shards" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+@needs_core
+def test_cli_convert_joins_a_sharded_store(tmp_path):
+    """`engram-store convert SHARDED -o STORE --backend B`: one store in global row order (streaming join)."""
+    from engram_store.sharded import write_shards
+    from engram_store_cli.cli import main
+
+    full = _full_tables()
+    src = write_shards(tmp_path / "s", full, None, 2, owner="head_ranges", head_rows=HEAD_ROWS)
+    assert main(["convert", str(src), "-o", str(tmp_path / "one"), "--backend", "lmdb"]) == 0
+    with engram_store.open(tmp_path / "one", device="cpu") as one:
+        assert one.manifest["backend"] == "lmdb"
+        for n, t in full.items():
+            assert torch.equal(_bits(one.lookup(n, torch.arange(t.shape[0]))), _bits(t))
