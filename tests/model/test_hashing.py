@@ -10,20 +10,12 @@ import torch
 
 from engram_model.hashing import HashConfig, NgramHasher, fingerprint
 from engram_store.errors import EngramStoreError, InvalidRowIdsError
+from hash_reference import ref_is_prime
 
 INT64_MAX = 2**63 - 1
 
 
 # ---- the reference, written from the description, sharing no code with engram_model ----------
-def ref_is_prime(n):
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
 
 
 def ref_primes(table_sizes, heads, layer_ids):

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, models
 from engram_model.compression import CompressedTokenizer, v4_tokenizer_path
 from engram_model.hashing import DEAD, DEAD_ROW, HashConfig, NgramHasher
 from engram_store.errors import CheckpointError, EngramStoreError, FingerprintMismatchError, InvalidRowIdsError
+from hash_reference import ref_is_prime
 
 INT64_MAX = 2**63 - 1
 
@@ -36,15 +37,6 @@ V41_CONFIG = {"model_type": "deepseek_v41", "text_config": V41_TEXT_CONFIG}
 
 
 # ---- the reference ----------------------------------------------------------------------------
-def ref_is_prime(n):
-    if n < 2:
-        return False
-    i = 2
-    while i * i <= n:
-        if n % i == 0:
-            return False
-        i += 1
-    return True
 
 
 def ref_v41_primes(start=16_000_000, layers=(1, 14), orders=3, heads=8):
