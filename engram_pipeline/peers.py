@@ -68,7 +68,6 @@ class PeerRunner:
             self.files[t] = self.dir / f"{t}.bin"
             _write(self.files[t], ids.astype(np.uint64))
             self.accesses[t] = int(ids.size)
-        self._ranked = {}
 
     def __enter__(self) -> PeerRunner:
         return self
@@ -80,12 +79,13 @@ class PeerRunner:
         self._tmp.cleanup()
 
     def _warm_file(self, table: str, cap: int) -> Path:
+        """The warm-up: ids ranked ``< cap`` in the whole table (a compacted trace holds only some of
+        them), presented twice, coldest first."""
         path = self.dir / f"{table}.warm{cap}.bin"
         if not path.exists():
-            rank = self._ranked.get(table)
-            if rank is None:
-                rank = self._ranked[table] = np.argsort(self.trace.rank(table), kind="stable")  # ids by rank
-            top = rank[:cap][::-1]  # coldest first: the hottest end up most recent
+            rank = self.trace.rank(table)
+            top = np.flatnonzero(rank < cap)
+            top = top[np.argsort(-rank[top], kind="stable")]  # coldest first: the hottest end up most recent
             _write(path, np.concatenate([top, top]).astype(np.uint64))
         return path
 
@@ -100,11 +100,10 @@ class PeerRunner:
         per = {}
         for t, cap in caps.items():
             n = self.accesses[t]
-            cap = min(cap, self.trace.n_ids(t))  # rows outside the trace's ids are never asked for
             if cap <= 0 or n == 0:
                 per[t] = (0, n)
                 continue
-            cache = getattr(lcs, peer)(cap)
+            cache = getattr(lcs, peer)(min(cap, self.trace.n_ids(t)))  # more than every id never fills
             if warm:
                 cache.process_trace(lcs.TraceReader(str(self._warm_file(t, cap)), lcs.TraceType.ORACLE_GENERAL_TRACE))
             miss_ratio, _ = cache.process_trace(lcs.TraceReader(str(self.files[t]), lcs.TraceType.ORACLE_GENERAL_TRACE))

@@ -94,3 +94,13 @@ def test_unknown_peer_is_an_error():
     trace = one_row_trace(0, n=10)
     with PeerRunner(trace) as runner, pytest.raises(EngramStoreError, match="unknown libcachesim peer"):
         runner.run("NotAPolicy", 0.1)
+
+
+def test_warm_up_of_a_compacted_trace_takes_only_rows_ranked_within_the_capacity():
+    # ids 0..3 are rows of a huge table with whole-table ranks 5, 900, 2, 7000: at capacity 10 only
+    # ids 0 and 2 were among the table's top rows, so only they start cached
+    trace = Trace("c", {"t": 10_000}, [("t", np.array([0, 1, 2, 3]))], counts={"t": np.array([3, 1, 4, 0])},
+                  id_space={"t": 4}, ranks={"t": np.array([5, 900, 2, 7000])})
+    with PeerRunner(trace) as runner:
+        assert runner.run("LRU", {"t": 10}).hits == 2
+        assert runner.run("LRU", {"t": 1000}).hits == 3
