@@ -29,6 +29,7 @@ import torch
 
 import engram_store
 import fp8_reference
+from engram_pipeline.v41_checkpoint import _mix64_
 from engram_store.format import fp8_rows
 from test_reliability_concurrency import Shared
 
@@ -40,14 +41,8 @@ DIGIT_SCALE = 127  # scale byte of values 0..31: 2^0
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.uint64)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return x
+    """splitmix64 of ``x`` (the generator's mixer: any well-spread 64-bit hash would do here)."""
+    return _mix64_(x.astype(np.uint64))
 
 
 def _digits(x: np.ndarray) -> np.ndarray:
