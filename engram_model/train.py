@@ -201,7 +201,7 @@ def train_model(model: EngramLM, corpus: Corpus, settings: TrainSettings, starts
     model.train()
     t0 = time.perf_counter()
     losses = []
-    bar = tqdm(range(len(starts)), desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(range(len(starts)), desc=desc, disable=None if progress else True, unit="step", dynamic_ncols=True)
     for step in bar:
         f = lr_factor(step, settings)
         for opt in opts:

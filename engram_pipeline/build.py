@@ -166,7 +166,7 @@ def _write_hf_shards(checkpoint, counts: Counts | None, out, shards: int, owner:
         source = RangeSource(specs, lambda n, a, b: next(ck.iter_rows(n, a, b, chunk_rows=max(1, b - a))))
         order = None if counts is None else {n: counts.order(n) for n in specs}
         total = sum(s.rows for s in specs.values()) * ROW_BYTES * (1 if order is None else 2)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"build {shards} shards", disable=not progress) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"build {shards} shards", disable=None if progress else True) as bar:
             write_shards(out, source, order, shards, owner=owner,
                          head_rows=_head_rows(ck.hasher(), specs) if owner == "head_ranges" else None,
                          backend=backend, fingerprint=ck.fingerprint, tier_plan=tier_plan, overwrite=overwrite,
@@ -222,7 +222,7 @@ def build_synthetic(out, *, rows: int, dim: int, dtype: str = "float32", backend
     start = time.perf_counter()
     with StoreWriter(out, backend=backend, overwrite=overwrite,
                      tier_plan={"synthetic": {"seed": seed, "rows": rows, "dim": dim, "dtype": dtype}}) as w, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not progress) as bar:
+            tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=None if progress else True) as bar:
         for t in range(tables):
             name = table_name(t)
             w.add_table(name, rows, dim, DTYPES[dtype])
@@ -278,7 +278,7 @@ def convert_backend(src, dst, backend: str, *, overwrite: bool = False, progress
         total = sum(i.nbytes for i in store.tables.values())
         with StoreWriter(dst, backend=backend, fingerprint=store.fingerprint,
                          tier_plan=store.manifest.get("tier_plan"), overwrite=overwrite) as w, \
-                tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+                tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=None if progress else True) as bar:
             for name, info in store.tables.items():
                 w.add_table(name, info.rows, info.dim, info.dtype, order=np.argsort(store.remap(name), kind="stable"),
                             row_format=info.row_format)

@@ -543,7 +543,7 @@ def count_corpus(checkpoint, corpus: Sequence[str | os.PathLike], *, workers: in
         for p in procs:
             p.start()
         bar = tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True,
-                   desc="count", disable=not progress)
+                   desc="count", disable=None if progress else True)
         try:
             running = len(procs)
             while running:

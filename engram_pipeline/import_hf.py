@@ -85,7 +85,7 @@ def import_hf_checkpoint(checkpoint, out, *, counts: Counts | None = None, backe
 def _bar(total: int, desc: str, progress: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
 
 
 def _copy_in_order(ckpt: HFCheckpoint, w: StoreWriter, name: str, chunk_rows: int, progress: bool) -> None:

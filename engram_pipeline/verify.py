@@ -66,7 +66,7 @@ def verify_store(path, *, progress: bool = True) -> VerifyReport:
             n_blocks = -(-info.rows // br) if info.rows else 0
             good = set()
             for b0 in tqdm(range(0, n_blocks, _BLOCKS_PER_READ), desc=f"verify {name}",
-                           unit_scale=_BLOCKS_PER_READ, unit="block", disable=not progress):
+                           unit_scale=_BLOCKS_PER_READ, unit="block", disable=None if progress else True):
                 stop = min(info.rows, (b0 + _BLOCKS_PER_READ) * br)
                 for s, rows in disk.read_range_valid(name, b0 * br, stop):
                     good.update(range(s // br, -(-(s + rows.shape[0]) // br)))
