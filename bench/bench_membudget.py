@@ -47,7 +47,7 @@ import engram_store  # noqa: E402
 from engram_model.bpe import EOS, train_bpe  # noqa: E402
 from engram_model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from engram_model.compression import CompressedTokenizer  # noqa: E402
-from engram_model.corpus import read_text, split_files, stdlib_files  # noqa: E402
+from engram_model.corpus import split_files, stdlib_files, texts_up_to  # noqa: E402
 from engram_model.memory import table_name  # noqa: E402
 from engram_model.model import EngramLM, ModelConfig  # noqa: E402
 from engram_model.serving import serve_from_store  # noqa: E402
@@ -64,16 +64,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _texts(files, cap: int) -> list[str]:
-    out, n = [], 0
-    for f in files:
-        out.append(read_text(f))
-        n += len(out[-1])
-        if n >= cap:
-            break
-    return out
-
-
 def prepare(args) -> dict:
     """Tokenizer, checkpoint, counts, store and flat id-order tables under ``args.work``."""
     work = Path(args.work)
@@ -88,7 +78,7 @@ def prepare(args) -> dict:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         corpus = work / "count-corpus"
         corpus.mkdir(exist_ok=True)
-        texts = _texts(train_files, 3_000_000)
+        texts = texts_up_to(train_files, 3_000_000)
         (corpus / "train.txt").write_text("\n".join(texts))
         log("training a BPE tokenizer ...")
         tok = train_bpe(texts, vocab_size=8192)
@@ -114,7 +104,7 @@ def prepare(args) -> dict:
     tok = load_checkpoint(ckpt).tokenizer
     eos = tok.token_to_id(EOS)
     held = []
-    for enc in tok.encode_batch(_texts(held_files, 1_500_000)):
+    for enc in tok.encode_batch(texts_up_to(held_files, 1_500_000)):
         held.extend(enc.ids + ([eos] if eos is not None else []))
     np.save(work / "held.npy", np.asarray(held, dtype=np.int64))
     return {"ckpt": ckpt, "store": store, "flat": flat, "table_size": table_size,

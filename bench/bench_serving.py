@@ -48,7 +48,7 @@ import engram_store  # noqa: E402
 from engram_model.bpe import EOS, train_bpe  # noqa: E402
 from engram_model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from engram_model.compression import CompressedTokenizer  # noqa: E402
-from engram_model.corpus import read_text, split_files, stdlib_files  # noqa: E402
+from engram_model.corpus import split_files, stdlib_files, texts_up_to  # noqa: E402
 from engram_model.generate import generate  # noqa: E402
 from engram_model.model import EngramLM, ModelConfig  # noqa: E402
 from engram_model.serving import load_served  # noqa: E402
@@ -96,17 +96,6 @@ def log(msg: str) -> None:
 
 # -- preparation ----------------------------------------------------------------------------
 
-def _texts(files, cap: int) -> list[str]:
-    out, n = [], 0
-    for f in files:
-        t = read_text(f)
-        out.append(t)
-        n += len(t)
-        if n >= cap:
-            break
-    return out
-
-
 def prepare(args) -> dict:
     """Tokenizer + quick checkpoint + counts + store under ``args.work``; reused when the key matches."""
     work = Path(args.work)
@@ -131,7 +120,7 @@ def prepare(args) -> dict:
                 p.unlink(missing_ok=True)
         corpus = work / "count-corpus"
         corpus.mkdir(exist_ok=True)
-        texts = _texts(train_files, args.count_bytes)
+        texts = texts_up_to(train_files, args.count_bytes)
         (corpus / "train.txt").write_text("\n".join(texts))
         if not args.checkpoint:
             log(f"training a BPE tokenizer on {sum(map(len, texts)) / 1e6:.1f} MB ...")
@@ -156,7 +145,7 @@ def prepare(args) -> dict:
     tok = load_checkpoint(ckpt_dir).tokenizer
     eos = tok.token_to_id(EOS)
     held = []
-    for enc in tok.encode_batch(_texts(held_files, 1_500_000)):
+    for enc in tok.encode_batch(texts_up_to(held_files, 1_500_000)):
         held.extend(enc.ids + ([eos] if eos is not None else []))
     return {"ckpt": ckpt_dir, "store": store_dir, "held": np.asarray(held, dtype=np.int64),
             "prepare_s": time.perf_counter() - t0, "reused": same}

@@ -71,6 +71,17 @@ def read_text(path: Path) -> str:
     return _read_bytes(path).decode("utf-8", errors="replace")
 
 
+def texts_up_to(files: Iterable, max_chars: int) -> list[str]:
+    """The texts of ``files`` in order, stopping after the file that reaches ``max_chars`` characters."""
+    out, n = [], 0
+    for f in files:
+        out.append(read_text(f))
+        n += len(out[-1])
+        if n >= max_chars:
+            break
+    return out
+
+
 def decode_text(data: bytes) -> tuple[str | None, str | None]:
     """``(text, None)`` when ``data`` is text, else ``(None, why)``: a NUL byte near the start, or not UTF-8."""
     nul = data.find(b"\0", 0, SNIFF_BYTES)
