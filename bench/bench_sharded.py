@@ -123,25 +123,28 @@ def _spawned(rank, world, port, store_dir, args, q):
             dist.destroy_process_group()
 
 
-def spawn(world: int, store_dir: str, args: argparse.Namespace) -> list[dict]:
+def run_ranks(target, world: int, extra: tuple, timeout: float, name: str) -> list:
+    """Run ``target(rank, world, port, *extra, q)`` in ``world`` spawned processes (gloo on a free loopback
+    port); each puts ``(rank, "ok" | "err", payload)`` on ``q``. Returns the payloads by rank; a rank's
+    error or a timeout ends the run with its message."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=_spawned, args=(r, world, port, store_dir, args, q), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=target, args=(r, world, port, *extra, q), daemon=True) for r in range(world)]
     out = {}
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout
         while len(out) < world:
             try:
                 rank, status, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise SystemExit(f"bench_sharded: {world} ranks did not finish in {args.timeout}s") from None
+                raise SystemExit(f"{name}: {world} ranks did not finish in {timeout}s") from None
             if status != "ok":
-                raise SystemExit(f"bench_sharded: rank {rank} failed:\n{payload}")
+                raise SystemExit(f"{name}: rank {rank} failed:\n{payload}")
             out[rank] = payload
     finally:
         for p in procs:
@@ -150,6 +153,10 @@ def spawn(world: int, store_dir: str, args: argparse.Namespace) -> list[dict]:
                 p.terminate()
                 p.join()
     return [out[r] for r in range(world)]
+
+
+def spawn(world: int, store_dir: str, args: argparse.Namespace) -> list[dict]:
+    return run_ranks(_spawned, world, (store_dir, args), args.timeout, "bench_sharded")
 
 
 def main(argv=None) -> int:

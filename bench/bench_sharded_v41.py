@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import queue
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_sharded import run_ranks  # noqa: E402  (bench/ is on the path: scripts run from it)
 
 ROW_BYTES = 264
 
@@ -168,33 +167,7 @@ def _lookups(rank: int, world: int, port: int, store: str, ckpt: str, args, q) -
 
 
 def _spawn_lookups(store: Path, ckpt: Path, args) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    procs = [ctx.Process(target=_lookups, args=(r, args.world, port, str(store), str(ckpt), args, q), daemon=True)
-             for r in range(args.world)]
-    out = {}
-    try:
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + args.timeout
-        while len(out) < args.world:
-            try:
-                rank, status, payload = q.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                raise SystemExit(f"bench_sharded_v41: lookups did not finish in {args.timeout}s") from None
-            if status != "ok":
-                raise SystemExit(f"bench_sharded_v41: rank {rank} failed:\n{payload}")
-            out[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    return [out[r] for r in range(args.world)]
+    return run_ranks(_lookups, args.world, (str(store), str(ckpt), args), args.timeout, "bench_sharded_v41 lookups")
 
 
 def main(argv=None) -> int:
