@@ -99,26 +99,36 @@ def write_version(path, k: int, backend: str) -> None:
                        order={"a": torch.from_numpy(np.random.default_rng(k).permutation(ROWS))}, chunk_rows=500)
 
 
-def run_overwrite_trials(tmp: Path, backend: str, trials: int, seed: int) -> dict:
-    """kill -9 during ``write(..., overwrite=True)`` of whole stores, ``trials`` times."""
-    rng = np.random.default_rng(seed)
-    path = tmp / f"store-{backend}"
-    write_version(path, 0, backend)
-    current, leftovers = 0, 0
+def overwrite_kill_trials(write, trials: int, rng, check) -> int:
+    """kill -9 a child that overwrites the path with ``write(k)`` for k = start+1, start+2, ..., ``trials``
+    times, each at a random point of about three whole writes. ``check(trial, start, last)`` (``start``: the
+    version at the path before the trial, ``last``: the last one the child reported committed) inspects the
+    path and returns the version found there. Returns the last such version."""
+    write(0)
     t0 = time.perf_counter()
-    write_version(path, 0, backend)
+    write(0)
     one = time.perf_counter() - t0  # one whole write: kill anywhere in a few of them
-
+    current = 0
     for trial in range(trials):
         start = current
 
         def child(report, start=start):
             for k in range(start + 1, start + 1000):
-                write_version(path, k, backend)
+                write(k)
                 report(k)
 
         done = fork_and_kill(child, float(rng.uniform(0.0, 3.0 * one)))
-        last = done[-1] if done else start
+        current = check(trial, start, done[-1] if done else start)
+    return current
+
+
+def run_overwrite_trials(tmp: Path, backend: str, trials: int, seed: int) -> dict:
+    """kill -9 during ``write(..., overwrite=True)`` of whole stores, ``trials`` times."""
+    path = tmp / f"store-{backend}"
+    leftovers = 0
+
+    def check(trial, start, last):
+        nonlocal leftovers
         got = read_all(path)  # the store must open and be whole
         if matches(got, version_tables(last)):
             current = last
@@ -126,6 +136,10 @@ def run_overwrite_trials(tmp: Path, backend: str, trials: int, seed: int) -> dic
             assert matches(got, version_tables(last + 1)), f"trial {trial}: store is neither version {last} nor {last + 1}"
             current = last + 1
         leftovers += check_leftovers(tmp, path.name, [version_tables(j) for j in range(start, current + 2)])
+        return current
+
+    current = overwrite_kill_trials(lambda k: write_version(path, k, backend), trials, np.random.default_rng(seed),
+                                    check)
     return {"trials": trials, "survived": trials, "versions_committed": current, "leftover_dirs": leftovers}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from engram_pipeline.verify import verify_store
 from engram_store.errors import EngramStoreError, StoreWriteError
 from engram_store.format import MANIFEST, commit
 from engram_store.sharded import LAYOUT_FILE, join_shards, read_layout, shard_dir_name, write_shards
-from test_reliability_crash import ROWS, fork_and_kill, version_tables
+from test_reliability_crash import ROWS, overwrite_kill_trials, version_tables
 
 pytestmark = pytest.mark.reliability
 
@@ -70,31 +69,22 @@ def check_leftovers(parent: Path, name: str, candidates: range) -> int:
 
 
 def run_trials(tmp: Path, backend: str, trials: int, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
     path = tmp / f"sh-{backend}"
-    write_version(path, 0, backend)
-    t0 = time.perf_counter()
-    write_version(path, 0, backend)
-    one = time.perf_counter() - t0
-    current, leftovers, survived = 0, 0, 0
-    for trial in range(trials):
-        start = current
+    leftovers, survived = 0, 0
 
-        def child(report, start=start):
-            for k in range(start + 1, start + 1000):
-                write_version(path, k, backend)
-                report(k)
-
-        done = fork_and_kill(child, float(rng.uniform(0.0, 3.0 * one)))
-        last = done[-1] if done else start
+    def check(trial, start, last):
+        nonlocal leftovers, survived
         k = read_version(path)  # must be whole
         assert k in (last, last + 1), f"trial {trial}: path holds version {k}, expected {last} or {last + 1}"
         for i in range(n_shards_of(k)):  # verify (the CLI's) finds nothing wrong in any shard
             report = verify_store(path / shard_dir_name(i, n_shards_of(k)), progress=False)
             assert report.ok, (report.errors, report.bad_blocks())
-        current = k
-        leftovers += check_leftovers(tmp, path.name, range(start, current + 2))
+        leftovers += check_leftovers(tmp, path.name, range(start, k + 2))
         survived += 1
+        return k
+
+    current = overwrite_kill_trials(lambda k: write_version(path, k, backend), trials, np.random.default_rng(seed),
+                                    check)
     # The next write sweeps every dead writer's leftovers (their locks died with them).
     write_version(path, current + 1, backend)
     assert read_version(path) == current + 1
