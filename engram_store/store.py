@@ -44,6 +44,7 @@ from engram_store.prefetch.plan import make_plan
 from engram_store.resident.dram import DramTier
 from engram_store.resident.hbm import HbmTier
 from engram_store.resident.table import ResidentTable, hit_threads as resolve_hit_threads
+from engram_store.resident.uva import PendingReads, attach as attach_device_rows, check_option as check_uva
 
 _WARM_CHUNK_BYTES = 64 << 20
 
@@ -75,8 +76,10 @@ class TieredStore:
 
     def __init__(self, path, *, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: str | None = None,
                  fingerprint: str | None = None, io_threads: int = 8, job_threads: int = 4,
-                 verify_reads: bool = True, tier_plan: dict | None = None, hit_threads: int | None = None) -> None:
+                 verify_reads: bool = True, tier_plan: dict | None = None, hit_threads: int | None = None,
+                 uva: bool | None = None) -> None:
         device = resolve_device(device)  # DeviceError before anything is opened (not torch's bare assertion)
+        check_uva(uva)
         self.path = Path(path)
         manifest = read_manifest(self.path)
         self.manifest = manifest
@@ -106,6 +109,8 @@ class TieredStore:
         self._closed = False
         self._releases: collections.deque = collections.deque()
         self._loads = load.Loads()
+        self._reads = PendingReads()  # plans released while a device gather may still read their slots
+        self.dram_gather: dict[str, str] = {}  # per table: "uva" / "host-view" / "host" (resident.uva.attach)
         self._io_pool = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="engram-io")
         self._job_pool = ThreadPoolExecutor(max(1, job_threads), thread_name_prefix="engram-job")
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -123,6 +128,7 @@ class TieredStore:
                 step = max(1, _WARM_CHUNK_BYTES // info.row_bytes)
                 for s in range(H, H + C, step):
                     self._warm(dram, name, s, min(H + C, s + step))
+                self.dram_gather[name] = attach_device_rows(dram, self.device, uva, name)
                 self._t[name] = ResidentTable(name, info, remap, hbm, dram, self._hit_threads)
         except BaseException:
             self._shutdown()
@@ -145,11 +151,18 @@ class TieredStore:
     def _drain_releases(self) -> None:
         while self._releases:
             self._release(self._releases.popleft())
+        if not self._closed:
+            self._reads.drain(self._loads)
 
     def _release(self, p) -> None:
-        """End a plan's hold on its slots (store lock held)."""
+        """End a plan's hold on its slots once no device gather reads them (store lock held)."""
         if not self._closed:
-            p.release(self._loads)
+            self._reads.release(p, self._loads)
+
+    def _sync_device_reads(self) -> None:
+        """Wait for every gather issued on the side stream (device reads of the slab and HBM rows)."""
+        if self._side_stream is not None:
+            self._side_stream.synchronize()
 
     def _release_now(self, p) -> None:
         with self._lock:
@@ -247,6 +260,8 @@ class TieredStore:
             pending = list(t.inflight)
             if pending:
                 wait_futures(pending)
+            self._sync_device_reads()  # an earlier prefetch's device gather must not see the new rows
+            self._drain_releases()
             self._disk.write(t.name, ranks, rows)
             t.refresh(ranks, ids_u, rows)
         t.stats.add(updates=1, updated_rows=ranks.size)
@@ -291,6 +306,7 @@ class TieredStore:
             pending = [f for t in getattr(self, "_t", {}).values() for f in list(t.inflight)]
             if pending:
                 wait_futures(pending)
+            self._sync_device_reads()
             self._drain_releases()
             self._closed = True
         self._shutdown()
@@ -325,7 +341,10 @@ def open(path, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: st
     checks its block's crc32), ``tier_plan`` (overrides the manifest's), ``hit_threads`` (None:
     half the usable cores, at most 8, and 1 on a 2-core machine; threads that copy a large
     all-resident batch -- numba's OpenMP/TBB layer; a process that forks after using them
-    must not use them in the child).
+    must not use them in the child), ``uva`` (None: on a CUDA store the device reads the DRAM
+    tier's rows straight from pinned host memory, checked at open and falling back to the host
+    gather with a ``UvaFallbackWarning``; False: the host gathers them; True on a CPU store: the
+    device gather's code path over the slab, for tests; see ``store.dram_gather``).
     """
     return TieredStore(path, device=device, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes, backend=backend,
                        fingerprint=fingerprint, **options)

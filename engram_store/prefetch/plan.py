@@ -25,7 +25,7 @@ _EMPTY = np.empty(0, np.int64)
 class HitPlan:
     """Every row was resident; host rows are already in ``out``."""
 
-    __slots__ = ("t", "shape", "n", "out", "decode", "parts", "host_done", "hold")
+    __slots__ = ("t", "shape", "n", "out", "decode", "parts", "host_done", "hold", "reading")
     miss_ranks = _EMPTY
     deps: tuple = ()
 
@@ -33,6 +33,7 @@ class HitPlan:
                  hold: int) -> None:
         self.t, self.shape, self.n, self.out, self.decode = t, shape, out.shape[0], out, decode
         self.parts, self.host_done, self.hold = parts, host_done, hold
+        self.reading = None  # the event of a device gather reading the held slots (assemble; uva.PendingReads)
 
     def release(self, loads: Loads) -> None:
         if self.hold:
@@ -43,7 +44,7 @@ class MissPlan:
     """Some rows must come from disk (``miss_ranks``), or from slots an earlier load is still filling (``deps``)."""
 
     __slots__ = ("t", "shape", "n", "out", "decode", "inverse", "cls_u", "src_u", "cls_p", "present", "miss_ranks",
-                 "fill_slots", "fill_idx", "deps", "load_id", "load", "hold", "failed")
+                 "fill_slots", "fill_idx", "deps", "load_id", "load", "hold", "failed", "reading")
     host_done = False
 
     def __init__(self, t: ResidentTable, shape, out: torch.Tensor, decode: bool, inverse: np.ndarray, cls_u: np.ndarray,
@@ -54,6 +55,7 @@ class MissPlan:
         self.miss_ranks, self.fill_slots, self.fill_idx = miss_ranks, fill_slots, fill_idx
         self.deps, self.load_id, self.load, self.hold = deps, load_id, load, hold
         self.failed = False  # set by the job when its disk read failed
+        self.reading = None  # the event of a device gather reading the held slots (assemble; uva.PendingReads)
 
     @property
     def parts(self) -> list:
@@ -95,16 +97,19 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decod
     src, n_hpos, n_h, n_d = served
     n, rb = ids.size, t.row_bytes
     on_host = not t.hbm_on_device or not n_hpos  # HBM rows copied too (or none)
-    host_done = on_host or n_hpos < n  # some row is in out
     if n_hpos == n:
         t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n)
-        return HitPlan(t, shape, out, decode, [] if on_host else [(HBM, None, -2 - src)], host_done, 0)
+        return HitPlan(t, shape, out, decode, [] if on_host else [(HBM, None, -2 - src)], on_host, 0)
     hold = t.hold(src)  # entries < 0 (HBM rows) are ignored
-    if on_host:
-        parts = []
-    else:
+    parts = []
+    if not on_host:
         hpos = np.flatnonzero(src < 0)
-        parts = [(HBM, hpos, -2 - src[hpos])]
+        parts.append((HBM, hpos, -2 - src[hpos]))
+    dram_on_device = t.dram.device_gathered  # then the hit pass left the DRAM rows to a device gather
+    if dram_on_device:
+        dpos = np.flatnonzero(src >= 0) if n_hpos else None
+        parts.append((DRAM, dpos, src if dpos is None else src[dpos]))
+    host_done = bool(n_hpos) and on_host or not dram_on_device  # some row is in out
     if n_hpos == 0:
         t.stats.add(prefetches=1, dram_bytes=n_d * rb, dram_accesses=n)
     else:

@@ -74,10 +74,26 @@ class DramTier:
         self.slab_rows = rows_view(self.slab.numpy())  # the same bytes, for np.take
         self.slab_words = self.slab.numpy().view(row_word(row_bytes)).reshape(-1)  # and for hit_path.serve
         self.ready = np.zeros(cap, dtype=np.int64)
+        # What the device gathers DRAM rows from (``uva.attach``): a CUDA view of the pinned slab, or
+        # None while the host gathers them. ``hit_words`` is what the compiled hit pass copies DRAM
+        # rows from: empty when the device gathers them (the pass then only locates them).
+        self.device_rows: torch.Tensor | None = None
+        self.device_rows_how = ""
+        self.hit_words = self.slab_words
 
     @property
     def capacity(self) -> int:
         return self.policy.capacity
+
+    @property
+    def device_gathered(self) -> bool:
+        """True when prefetches gather this tier's rows on the device from ``device_rows``."""
+        return self.device_rows is not None
+
+    def set_device_rows(self, rows: torch.Tensor, how: str = "the slab itself") -> None:
+        """Have the device gather DRAM rows from ``rows`` (the slab's bytes as the device sees them)."""
+        self.device_rows, self.device_rows_how = rows, how
+        self.hit_words = self.slab_words[:0]
 
     def warm(self, start: int, rows: np.ndarray) -> None:
         """Place the rows of ranks ``[start, start + len(rows))`` (all ``>= hbm_rows``), hottest first."""

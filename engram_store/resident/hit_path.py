@@ -107,7 +107,8 @@ def _copy_row(rows, r, out, i, words):
 def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, slab, hbm, out, words):
     """Copy every id's row into ``out`` and fill ``src[i]`` (slot >= 0, or ``-2 - rank`` for an HBM row).
 
-    ``slab`` (the DRAM slots), ``hbm`` (the HBM tier's rows in host memory, or empty when they
+    ``slab`` (the DRAM slots, or empty when the device gathers them from the slab: those rows are
+    then left for the caller too), ``hbm`` (the HBM tier's rows in host memory, or empty when they
     live on a GPU: those rows are then left for the caller) and ``out`` (``ids.size`` rows) are
     flat arrays of one word type, ``words`` per row. Stamps each distinct id (the policy's
     state change). Returns ``(n_hbm_positions, n_hbm_distinct, n_dram_distinct)``, or
@@ -120,6 +121,7 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
     n_hd = 0
     n = ids.size
     copy_hbm = hbm.size > 0
+    copy_dram = slab.size > 0
     step = max(1, _LINE_BYTES // slab.itemsize)
     for i in range(n):
         if i + RECORD_AHEAD < n:
@@ -127,7 +129,7 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
         if i + ROW_AHEAD < n:
             # written out, not a helper taking the slot: as a call it made the pass 1.8x slower
             s_ahead = keys[ids[i + ROW_AHEAD]].slot
-            if s_ahead >= 0:
+            if s_ahead >= 0 and copy_dram:
                 _prefetch_row(slab, s_ahead, words, step)
             elif s_ahead < -1 and copy_hbm:
                 _prefetch_row(hbm, -2 - s_ahead, words, step)
@@ -138,7 +140,8 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
                 _undo(keys, seen, old, n_seen)
                 return DECLINE, 0, 0
             stamp = dram_stamp
-            _copy_row(slab, s, out, i, words)
+            if copy_dram:
+                _copy_row(slab, s, out, i, words)
         elif s < -1:
             stamp = hbm_stamp
             n_hpos += 1
@@ -192,6 +195,7 @@ def threadsafe_parallel() -> bool:
 def _locate_copy(ids, lo, hi, keys, ready, check_ready, src, slab, hbm, out, words):
     """``serve``'s reads and copies for positions ``[lo, hi)``, writing no record: HBM positions or DECLINE."""
     copy_hbm = hbm.size > 0
+    copy_dram = slab.size > 0
     step = max(1, _LINE_BYTES // slab.itemsize)
     n_hpos = 0
     for i in range(lo, hi):
@@ -199,7 +203,7 @@ def _locate_copy(ids, lo, hi, keys, ready, check_ready, src, slab, hbm, out, wor
             _prefetch_for_read(keys, ids[i + RECORD_AHEAD])
         if i + ROW_AHEAD < hi:  # written out as in serve, for the same reason
             s_ahead = keys[ids[i + ROW_AHEAD]].slot
-            if s_ahead >= 0:
+            if s_ahead >= 0 and copy_dram:
                 _prefetch_row(slab, s_ahead, words, step)
             elif s_ahead < -1 and copy_hbm:
                 _prefetch_row(hbm, -2 - s_ahead, words, step)
@@ -207,7 +211,8 @@ def _locate_copy(ids, lo, hi, keys, ready, check_ready, src, slab, hbm, out, wor
         if s >= 0:
             if check_ready and ready[s] != 0:
                 return DECLINE
-            _copy_row(slab, s, out, i, words)
+            if copy_dram:
+                _copy_row(slab, s, out, i, words)
         elif s < -1:
             n_hpos += 1
             if copy_hbm:

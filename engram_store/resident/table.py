@@ -89,12 +89,12 @@ class ResidentTable:
         parts = min(self._threads, n // _MIN_IDS_PER_HIT_THREAD)
         if parts > 1:
             n_hpos, n_h, n_d = serve_parallel(ids, policy.keys, policy.clock + 1, self._hbm_stamp, self.dram.ready,
-                                              loads_pending, src, self.dram.slab_words, self.hbm.host_words, out,
+                                              loads_pending, src, self.dram.hit_words, self.hbm.host_words, out,
                                               self.words, parts)
         else:
             seen, old = self._undo_buffers(n)
             n_hpos, n_h, n_d = serve(ids, policy.keys, policy.clock + 1, self._hbm_stamp, self.dram.ready,
-                                     loads_pending, src, seen, old, self.dram.slab_words, self.hbm.host_words, out,
+                                     loads_pending, src, seen, old, self.dram.hit_words, self.hbm.host_words, out,
                                      self.words)
         if n_hpos == DECLINE:
             return None
