@@ -73,8 +73,9 @@ def _assemble_on_device(plan, parts, sources, device_rows, out, device, side_str
     host = [part for part in parts if part[0] not in device_rows]
     # With the DRAM rows read by the device, the host rows (disk misses) are usually a few
     # positions: upload only those, packed at the front of the pinned buffer, and scatter them.
-    packed = on_cuda and DRAM in device_rows and host and not (len(host) == 1 and host[0][1] is None)
+    packed = DRAM in device_rows and host and not (len(host) == 1 and host[0][1] is None)
     if packed:
+        assert not plan.host_done  # the hit pass copies no row when the device gathers DRAM rows
         hpos = np.concatenate([pos for _, pos, _ in host])
         staged = rows_view(out.numpy())[:hpos.size]
         off = 0
@@ -86,11 +87,13 @@ def _assemble_on_device(plan, parts, sources, device_rows, out, device, side_str
     event = None
     reads_slab = False
     with torch.cuda.stream(side_stream) if on_cuda else contextlib.nullcontext():
-        if not on_cuda:
-            dst = out  # host rows are already in place; the "device" gathers write into it
-        elif packed:
+        if packed:
             dst = torch.empty((plan.n, out.shape[1]), dtype=torch.uint8, device=device)
-            dst.index_copy_(0, _upload(hpos, device), out[:hpos.size].to(device, non_blocking=True))
+            word = _word(out.shape[1])
+            dst.view(word).index_copy_(0, _upload(hpos, device),
+                                       out[:hpos.size].to(device, non_blocking=True).view(word))
+        elif not on_cuda:
+            dst = out  # host rows are already in place; the "device" gathers write into it
         elif host or plan.host_done:
             dst = out.to(device, non_blocking=True)
         else:
@@ -110,14 +113,17 @@ def _assemble_on_device(plan, parts, sources, device_rows, out, device, side_str
     return result, event
 
 
+def _word(row_bytes: int) -> torch.dtype:
+    return next((dt for size, dt in _WORDS if row_bytes % size == 0), torch.uint8)
+
+
 def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(a).to(device, non_blocking=True)
 
 
 def _gather(rows: torch.Tensor, idx: np.ndarray, pos: np.ndarray | None, dst: torch.Tensor, device) -> None:
     """``dst[pos] = rows[idx]`` (``pos`` None: every position), on ``rows``' device, in whole words."""
-    rb = rows.shape[1]
-    word = next((dt for size, dt in _WORDS if rb % size == 0), torch.uint8)
+    word = _word(rows.shape[1])
     src, out = rows.view(word), dst.view(word)
     i = _upload(idx, device)
     if pos is None:
