@@ -14,6 +14,7 @@ time per step from those speeds and the simulated hit rates.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -83,6 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="hint windows swept at --lookahead-at ('' for none)")
     h.add_argument("--lookahead-at", type=float, default=0.1, help="capacity of the hint-window sweep")
     h.add_argument("--out", default="bench_out", help="output folder (hit_rates.png, results.json)")
+    h.add_argument("--peer-cache", default=None,
+                   help="folder of libcachesim results per trace digest, peer, capacity and start: a rerun over the "
+                        "same trace reuses them (the peers do not change when ours does)")
     h.set_defaults(func=run_hits)
     q = modes.add_parser("paths", help="measured rows/s per tier against raw index_select and parallel pread",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -127,13 +131,58 @@ def build_traces(args) -> list[Trace]:
     return traces
 
 
+def trace_digest(trace: Trace) -> str:
+    """SHA-256 of what a peer's result depends on: tables, rows, requests in order and each table's ranks
+    (the warm start)."""
+    h = hashlib.sha256(json.dumps(sorted(trace.rows.items())).encode())
+    for t, ids in trace.requests:
+        h.update(t.encode() + b"\0" + np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    for t in sorted(trace.rows):
+        h.update(np.ascontiguousarray(trace.rank(t), dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+class PeerResults:
+    """libcachesim results of one trace, run on demand and kept in ``cache_dir`` (``None``: not kept).
+    Results are hits per table, keyed by peer, capacity fraction and start."""
+
+    def __init__(self, trace: Trace, cache_dir: str | os.PathLike | None = None) -> None:
+        self.trace, self.runner = trace, None
+        self.path = None if cache_dir is None else Path(cache_dir) / f"{trace_digest(trace)[:32]}.json"
+        self.known = json.loads(self.path.read_text()) if self.path is not None and self.path.exists() else {}
+
+    def run(self, peer: str, f: float, warm: bool):
+        from engram_pipeline.simulate import Result, capacity_rows
+
+        key = f"{peer}|{f!r}|{'warm' if warm else 'cold'}"
+        if key not in self.known:
+            if self.runner is None:
+                from engram_pipeline.peers import PeerRunner
+
+                self.runner = PeerRunner(self.trace)
+            r = self.runner.run(peer, f, warm=warm)
+            self.known[key] = {t: list(v) for t, v in r.per_table.items()}
+            if self.path is not None:  # written whole, then renamed: a killed run leaves the old file
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".partial")
+                tmp.write_text(json.dumps(self.known))
+                os.replace(tmp, self.path)
+        per = {t: tuple(v) for t, v in self.known[key].items()}
+        return Result(f"lcs:{peer}" + ("" if warm else ":cold"), f, capacity_rows(self.trace, f),
+                      sum(h for h, _ in per.values()), sum(n for _, n in per.values()), per_table=per)
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+
 def _best_ours(trace: Trace, f: float, shares, window: int, lookahead: int = 0):
     return max((simulate(trace, "ours", f, hbm_share=s, window=window, lookahead=lookahead) for s in shares),
                key=lambda r: r.hit_rate)
 
 
 def bench_trace(trace: Trace, fractions, policies, shares, window, peers=(), peer_start="warm", lookahead=16,
-                lookaheads=(), lookahead_at=0.1) -> dict:
+                lookaheads=(), lookahead_at=0.1, peer_cache=None) -> dict:
     """{policy: [rate per fraction]}; ours (best HBM split), ours with hints, libcachesim peers; the
     hint-window sweep; ours / optimum. Raises if anything beats the warm optimum."""
     rates: dict[str, list[float]] = {p: [] for p in policies}
@@ -144,9 +193,7 @@ def bench_trace(trace: Trace, fractions, policies, shares, window, peers=(), pee
         rates[la_name], hits[la_name] = [], []
     runner = None
     if peers:
-        from engram_pipeline.peers import PeerRunner
-
-        runner = PeerRunner(trace)
+        runner = PeerResults(trace, peer_cache)
     try:
         for f in fractions:
             for p in policies:
@@ -246,7 +293,8 @@ def run_hits(args) -> int:
     for trace in build_traces(args):
         t1 = time.perf_counter()
         results[trace.name] = res = bench_trace(trace, fractions, policies, shares, args.window, peers,
-                                                args.peer_start, args.lookahead, lookaheads, args.lookahead_at)
+                                                args.peer_start, args.lookahead, lookaheads, args.lookahead_at,
+                                                args.peer_cache)
         res["simulate_s"] = round(time.perf_counter() - t1, 1)
         print(markdown(trace.name, res) + f"\n\n(trace built in {trace.meta['build_s']} s, simulated in "
               f"{res['simulate_s']} s)\n", flush=True)

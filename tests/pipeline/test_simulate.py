@@ -101,9 +101,12 @@ def ref_policy(policy: str, reqs: list[np.ndarray], cap: int, rank: np.ndarray) 
 class RefSlotLRU:
     """SlotPolicy's documented semantics, one key at a time with dicts."""
 
-    def __init__(self, n_keys: int, capacity: int, recency: float | None = 0.1) -> None:
+    def __init__(self, n_keys: int, capacity: int, recency: float | None = 0.1, admission: bool = True) -> None:
         self.cap = min(capacity, n_keys)
         self.recency = recency
+        # keys are ranks here: the rank prior is 1 / (1 + key / capacity); plain LRU has neither
+        self.admission = admission and recency is not None
+        self.prior = 1.0 if self.admission else 0.0
         self.count: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
         self.key_of = [-1] * self.cap
@@ -130,12 +133,31 @@ class RefSlotLRU:
                 self.pins[s] += 1
         misses = [i for i, s in enumerate(slots) if s < 0]
         free = [s for s in range(self.cap) if self.key_of[s] < 0]
+        def value(k):
+            return float(self.count.get(k, 0)) + (self.prior / (1.0 + k / max(1, self.cap)) if self.prior else 0.0)
+
         def score(s):
             if self.recency is None:
                 return self.last[s]
-            return self.count.get(self.key_of[s], 0) / self.clock + self.recency / (float(self.clock + 1) - self.last[s])
+            return value(self.key_of[s]) / self.clock + self.recency / (float(self.clock + 1) - self.last[s])
 
-        if len(free) < len(misses):
+        if self.admission and misses and self.cap and len(free) < len(misses):
+            # Admission: misses scored as if cached now, best first; the j-th beyond the free slots
+            # displaces the j-th lowest-scored unpinned row only while it scores higher.
+            m_score = {i: value(keys[i]) / self.clock + self.recency for i in misses}
+            misses.sort(key=lambda i: (-m_score[i], keys[i]))
+            used = sorted((score(s), -self.key_of[s], s) for s in range(self.cap) if self.key_of[s] >= 0 and self.pins[s] == 0)
+            extra = len(misses) - len(free)
+            pool = [s for _, _, s in used[: max(extra, math.ceil(self.cap / 64))]]
+            take = 0
+            while take < min(extra, len(pool)) and m_score[misses[len(free) + take]] > score(pool[take]):
+                take += 1
+            for s in pool if take == extra else pool[:take]:
+                del self.slot_of[self.key_of[s]]
+                self.key_of[s] = -1
+            misses = sorted(misses[: len(free) + take])
+            free = [s for s in range(self.cap) if self.key_of[s] < 0]
+        elif len(free) < len(misses):
             # Batched eviction: one choice evicts at least ceil(capacity / 64) rows of lowest score;
             # the surplus stays free for later misses.
             used = sorted((score(s), -self.key_of[s], s) for s in range(self.cap) if self.key_of[s] >= 0 and self.pins[s] == 0)
@@ -161,11 +183,12 @@ class RefSlotLRU:
                 self.pins[s] -= 1
 
 
-def ref_ours(trace: Trace, cap: int, hbm_share: float, window: int, recency: float | None) -> tuple[int, int]:
+def ref_ours(trace: Trace, cap: int, hbm_share: float, window: int, recency: float | None,
+             admission: bool = True) -> tuple[int, int]:
     (table,) = trace.rows
     rank = ranks_from_counts(trace.counts[table])
     h = int(round(hbm_share * cap))
-    lru = RefSlotLRU(trace.rows[table], cap - h, recency)
+    lru = RefSlotLRU(trace.rows[table], cap - h, recency, admission)
     lru.warm(range(h, cap))
     hbm_hits = 0
     out: deque = deque()
@@ -209,18 +232,19 @@ def test_policy_matches_reference(policy, seed):
         assert got.accesses == sum(r.size for r in reqs)
 
 
+@pytest.mark.parametrize("admission", [True, False])
 @pytest.mark.parametrize("recency", [None, 0.1, 1.0])
 @pytest.mark.parametrize("window", [1, 2, 4])
 @pytest.mark.parametrize("seed", range(4))
-def test_ours_matches_reference(window, seed, recency):
+def test_ours_matches_reference(window, seed, recency, admission):
     rng = np.random.default_rng(200 + seed)
     rows = int(rng.integers(10, 60))
     trace = random_trace(rng, rows=rows, n_req=int(rng.integers(10, 40)), max_len=int(rng.integers(2, 15)), zipf=1.0)
+    kw = {"recency": recency} if admission else {"recency": recency, "admission": False, "prior": 0.0}
     for cap in sorted({1, 4, rows // 3, rows}):
         for share in (0.0, 0.5, 1.0):
-            got = simulate(trace, "ours", {"layer0": cap}, hbm_share=share, window=window,
-                           policy_kwargs={"recency": recency})
-            hbm, dram = ref_ours(trace, cap, share, window, recency)
+            got = simulate(trace, "ours", {"layer0": cap}, hbm_share=share, window=window, policy_kwargs=kw)
+            hbm, dram = ref_ours(trace, cap, share, window, recency, admission)
             assert (got.tiers["hbm"], got.tiers["dram"]) == (hbm, dram), (cap, share)
 
 

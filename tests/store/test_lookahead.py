@@ -40,10 +40,14 @@ class GatedDisk:
 def _open(tmp_path, backend):
     T = torch.randn(ROWS, DIM, generator=torch.Generator().manual_seed(0))
     path = engram_store.write(tmp_path / "s", {"t": T}, backend=backend)
-    # no HBM tier; DRAM holds 100 rows and starts warm with ranks 0..99 (identity order)
-    s = engram_store.open(path, device="cpu", dram_bytes=100 * DIM * 4)
+    # no HBM tier; DRAM holds 100 rows and starts warm with ranks 0..99 (identity order); every
+    # read on the pools (inline_reads=0), so a gated read leaves its handle pending
+    s = engram_store.open(path, device="cpu", dram_bytes=100 * DIM * 4, inline_reads=0)
     gated = GatedDisk(s._disk, trigger=500)
     s._disk = gated
+    # Without the rank prior the later misses outscore the first handle's rows (same count, more
+    # recent), so admission lets them displace those rows and only the holds stand in the way.
+    s._t["t"].dram.policy.prior = 0.0
     return s, gated, T
 
 

@@ -48,7 +48,8 @@ class RefHinted:
     def score(self, k: int) -> float:
         if self.recency is None:
             return self.last[k]
-        return self.acc.get(k, 0) / self.clock + self.recency / (self.clock + 1 - self.last[k])
+        value = self.acc.get(k, 0) + 1.0 / (1.0 + self.order[k] / max(1, self.cap))  # the default rank prior
+        return value / self.clock + self.recency / (self.clock + 1 - self.last[k])
 
     def access(self, keys, held: set) -> list[int]:
         keys = [int(k) for k in keys]
