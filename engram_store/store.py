@@ -5,7 +5,8 @@ Thread-safety (the rules, stated once):
 * ``prefetch``, ``lookup``, ``update``, ``stats``, ``table`` and ``close`` may be called from
   many threads at once. Every policy decision (dedupe, rank, tier split, DRAM hit / miss /
   admission / eviction, holds) is taken inside ``prefetch`` under one store lock, in issue
-  order; only disk reads and copies run on the store's thread pools.
+  order; only disk reads and copies run on the store's thread pools (a small read: on the
+  caller's thread, under the lock).
 * A handle sees the table *as of its prefetch*: ``update`` waits (under the lock) for every
   earlier prefetch of that table to finish its reads and copies, then writes, so an update
   is atomic to readers and never torn.
@@ -14,16 +15,18 @@ Thread-safety (the rules, stated once):
 
 Data path of one prefetch (``engram_store.prefetch``): ids -> ``make_plan`` under the lock (the
 compiled all-resident pass of ``resident.ResidentTable``, else dedupe, tier split and DRAM
-admission) -> a plan with no disk work is assembled at once; otherwise ``load.run`` on the job
-pool reads the misses, fills their slots, waits for loads it depends on -> ``assemble`` (host
-gather, device copy on a side stream) -> the handle's ``wait()``.
+admission) -> a plan with no disk work is assembled at once, one with a small read
+(``inline_reads``) and no earlier load to wait for is read and assembled at once on the
+caller's thread; otherwise ``load.run`` on the job pool reads the misses, fills their slots,
+waits for loads it depends on -> ``assemble`` (host gather, device copy on a side stream) ->
+the handle's ``wait()``.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait as wait_futures
+from concurrent.futures import Future, ThreadPoolExecutor, wait as wait_futures
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,20 @@ from engram_store.resident.table import ResidentTable, hit_threads as resolve_hi
 from engram_store.resident.uva import PendingReads, attach as attach_device_rows, check_option as check_uva
 
 _WARM_CHUNK_BYTES = 64 << 20
+# A prefetch with at most this many rows to read from disk (and no earlier load to wait for) reads
+# them inside prefetch(), on the caller's thread. A decoding step's few misses otherwise cost a job
+# hand-off plus one hand-off per I/O thread (2-core VM: about 1 ms a prefetch, against a few us a
+# page-cached block), and the woken threads take the cores the model's matmuls run on. One
+# thread's cold read of that many blocks, announced ahead (disk/runs.py), is about one round trip.
+INLINE_READS = 256
+
+
+def _inline_reads(asked: int | None) -> int:
+    if asked is None:
+        return INLINE_READS
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+        raise EngramStoreError(f"inline_reads must be a non-negative integer (rows) or None, got {asked!r}")
+    return asked
 
 
 class TableView:
@@ -77,7 +94,7 @@ class TieredStore:
     def __init__(self, path, *, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: str | None = None,
                  fingerprint: str | None = None, io_threads: int = 8, job_threads: int = 4,
                  verify_reads: bool = True, tier_plan: dict | None = None, hit_threads: int | None = None,
-                 uva: bool | None = None) -> None:
+                 uva: bool | None = None, inline_reads: int | None = None) -> None:
         device = resolve_device(device)  # DeviceError before anything is opened (not torch's bare assertion)
         check_uva(uva)
         self.path = Path(path)
@@ -115,6 +132,7 @@ class TieredStore:
         self._job_pool = ThreadPoolExecutor(max(1, job_threads), thread_name_prefix="engram-job")
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._hit_threads = resolve_hit_threads(hit_threads)
+        self._inline_reads = _inline_reads(inline_reads)
         pin = self.device.type == "cuda"
         self._disk = None
         try:
@@ -192,6 +210,8 @@ class TieredStore:
                 except BaseException:
                     self._release(p)
                     raise
+            elif not p.deps and p.miss_ranks.size <= self._inline_reads:
+                fut = self._inline(p)
             else:
                 fut = self._job_pool.submit(self._job, p)
                 t.inflight.add(fut)
@@ -221,6 +241,21 @@ class TieredStore:
 
     def _job(self, p):
         return load.run(p, self._disk, self._loads, self._assemble)
+
+    def _inline(self, p) -> Future:
+        """A plan with a small disk read and nothing to wait for, run here (store lock held, so no
+        ``update`` can interleave with its slot fills): handing it to the job pool and that job's
+        read to the I/O pool would cost more thread hand-offs than the read itself. Its errors
+        surface at ``wait()``, as a job's do."""
+        fut: Future = Future()
+        try:
+            fut.set_result(load.run(p, self._disk, self._loads, self._assemble, inline=True))
+        except Exception as e:  # noqa: BLE001 - delivered to wait(), like a pool job's
+            fut.set_exception(e)
+        except BaseException:
+            self._release(p)
+            raise
+        return fut
 
     def _assemble(self, p, miss_rows):
         return assemble(p, miss_rows, self.device, self._side_stream)
@@ -344,7 +379,10 @@ def open(path, device=None, hbm_bytes: int = 0, dram_bytes: int = 0, backend: st
     must not use them in the child), ``uva`` (None: on a CUDA store the device reads the DRAM
     tier's rows straight from pinned host memory, checked at open and falling back to the host
     gather with a ``UvaFallbackWarning``; False: the host gathers them; True on a CPU store: the
-    device gather's code path over the slab, for tests; see ``store.dram_gather``).
+    device gather's code path over the slab, for tests; see ``store.dram_gather``), ``inline_reads``
+    (None: 256; a prefetch with at most this many rows to read from disk, and no earlier load
+    to wait for, reads them on the caller's thread inside ``prefetch()`` instead of on the
+    pools; 0: always on the pools).
     """
     return TieredStore(path, device=device, hbm_bytes=hbm_bytes, dram_bytes=dram_bytes, backend=backend,
                        fingerprint=fingerprint, **options)

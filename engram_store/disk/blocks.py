@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -75,10 +76,10 @@ class BlockDisk:
         """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf`` (verified); returns bytes read."""
         raise NotImplementedError
 
-    def _parallel(self, t, blocks: np.ndarray, buf: np.ndarray) -> int:
-        """All of ``blocks`` into ``buf``, split over up to ``io_threads`` pool threads."""
+    def _parallel(self, t, blocks: np.ndarray, buf: np.ndarray, threads: int | None = None) -> int:
+        """All of ``blocks`` into ``buf``, split over up to ``threads`` (None: ``io_threads``) pool threads."""
         n = blocks.size
-        parts = min(self.io_threads, n)
+        parts = min(self.io_threads if threads is None else threads, n)
         if parts <= 1:
             return self._read_blocks(t, blocks, buf, 0, n)
         edges = np.linspace(0, n, parts + 1).astype(int)
@@ -89,13 +90,17 @@ class BlockDisk:
         wait(futs)
         return sum(f.result() for f in futs)
 
-    def read(self, table: str, ranks: np.ndarray) -> tuple[np.ndarray, int]:
-        """Rows ``ranks`` (int64, any order, unique or not) as uint8 ``[n, row_bytes]``, and bytes read."""
+    def read(self, table: str, ranks: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, int]:
+        """Rows ``ranks`` (int64, any order, unique or not) as uint8 ``[n, row_bytes]``, and bytes read.
+
+        ``threads``: at most this many pool threads (None: ``io_threads``); 1 reads on the caller's
+        thread, for reads so small that handing them to the pool costs more than they do."""
         t = self.tables[table]
         ranks = np.asarray(ranks, dtype=np.int64)
         if ranks.size == 0:
             return np.empty((0, t.rb), np.uint8), 0
-        return read_rows(self._parallel, t, ranks)  # in chunks of READ_CHUNK_BYTES of blocks
+        parallel = self._parallel if threads is None else partial(self._parallel, threads=threads)
+        return read_rows(parallel, t, ranks)  # in chunks of READ_CHUNK_BYTES of blocks
 
     def read_range(self, table: str, start: int, stop: int) -> np.ndarray:
         """Rows of ranks ``[start, stop)`` as uint8 ``[stop-start, row_bytes]`` (verified)."""

@@ -54,14 +54,20 @@ class Loads:
         return bool(self._loads)
 
 
-def run(plan, disk, loads: Loads, assemble):
+def run(plan, disk, loads: Loads, assemble, inline: bool = False):
     """The job of a plan with misses or pending loads: own disk read (fill slots, mark them ready),
-    wait for the earlier loads it depends on, then ``assemble(plan, miss_rows)``."""
+    wait for the earlier loads it depends on, then ``assemble(plan, miss_rows)``.
+
+    ``inline``: the read runs on the calling thread alone (a small read inside ``prefetch``, see
+    ``TieredStore``), not fanned out over the I/O pool."""
     t = plan.t
     miss_rows = None
     if plan.miss_ranks.size:
         try:
-            miss_rows, moved = disk.read(t.name, plan.miss_ranks)
+            if inline:
+                miss_rows, moved = disk.read(t.name, plan.miss_ranks, threads=1)
+            else:
+                miss_rows, moved = disk.read(t.name, plan.miss_ranks)
             t.stats.add(disk_reads=1, disk_rows=plan.miss_ranks.size, disk_bytes=moved)
             if plan.fill_slots.size:
                 t.dram.fill(plan.fill_slots, miss_rows[plan.fill_idx])
