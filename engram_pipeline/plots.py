@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 STYLE = {"optimum": ("k", "-", "optimum (warm MIN)"), "belady": ("k", "--", "cold MIN (Belady)"),
+         "fill_optimum": ("0.45", "-", "MIN from the warm fill"),
          "ours": ("tab:red", "-", "ours, no hints"), "lru": ("tab:blue", "--", "LRU (request-level)"),
          "lfu": ("tab:green", "--", "LFU"), "fifo": ("tab:purple", ":", "FIFO"),
          "static": ("tab:orange", "-.", "static frequency")}

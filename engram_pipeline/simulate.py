@@ -21,6 +21,11 @@ Policies (all simulated exactly, vectorized per request):
 - ``optimum``: the bound for a store that starts warm: MIN with a free initial fill (at time
   zero hold the ``capacity`` rows first used soonest, then keep the rows whose next use is
   soonest). No policy that holds at most ``capacity`` rows, however it starts, beats it.
+- ``fill_optimum``: MIN whose initial fill is the store's own warm fill (the ``capacity``
+  top-ranked rows by training counts, which ``ours`` starts with), then keep the rows whose
+  next use is soonest. The bound for a policy that starts where the store starts: where the
+  capacity exceeds every row a trace touches, ``optimum`` is 100% by its free fill, while this
+  one still pays for the rows training never ranked within the capacity.
 - ``lru``: keep the ``capacity`` most recently used rows (ties within a request: higher
   row id kept). ``fifo``: keep the most recently *inserted*. ``lfu``: keep the rows with
   the most accesses so far in the trace (not reset on eviction; ties: more recent, then
@@ -31,7 +36,7 @@ Policies (all simulated exactly, vectorized per request):
   set needed at one time, and a miss need not be cached.
 - ``compulsory``: not a policy but the bound ``accesses - first touches`` (infinite cache).
 
-All start cold except ``ours`` (which starts warm, like the store), ``static`` and ``optimum``.
+All start cold except ``ours`` (which starts warm, like the store), ``static``, ``optimum`` and ``fill_optimum``.
 Peers from libcachesim (``engram_pipeline.peers``) run on the same requests.
 """
 
@@ -47,7 +52,7 @@ from engram_store.resident.policy import SlotPolicy
 from engram_store.errors import EngramStoreError
 from engram_pipeline.traces import Trace
 
-POLICIES = ("ours", "optimum", "belady", "lru", "lfu", "fifo", "static")
+POLICIES = ("ours", "optimum", "fill_optimum", "belady", "lru", "lfu", "fifo", "static")
 DEFAULT_FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)
 _INF = np.iinfo(np.int64).max
 
@@ -146,13 +151,16 @@ def _simulate_table(policy: str, reqs: Sequence[np.ndarray], rows: int, cap: int
     prio = np.zeros(rows, dtype=np.int64)
     freq = np.zeros(rows, dtype=np.int64) if policy == "lfu" else None
     cached = np.empty(0, dtype=np.int64)
-    if policy in ("belady", "optimum"):
+    if policy in ("belady", "optimum", "fill_optimum"):
         nxt, first_row, first_req = _next_use(reqs)
+        p0 = _min_priority(first_req, first_row, rows)
         if policy == "optimum":  # the free initial fill: the rows first used soonest
-            p0 = _min_priority(first_req, first_row, rows)
             cached = first_row[np.argsort(-p0, kind="stable")[:cap]]
-            held[cached] = True
-            prio[first_row] = p0
+        elif policy == "fill_optimum":  # the store's warm fill: the top-ranked rows
+            cached = np.flatnonzero(rank < cap)
+        held[cached] = True
+        prio[cached] = -_INF  # a fill row the trace never names goes at the first request
+        prio[first_row] = p0
     hits = 0
     for i, ids in enumerate(reqs):
         h = held[ids]
@@ -165,7 +173,7 @@ def _simulate_table(policy: str, reqs: Sequence[np.ndarray], rows: int, cap: int
         elif policy == "lfu":
             freq[ids] += 1
             prio[ids] = (freq[ids] * (n_req + 1) + i) * rows + ids
-        elif policy in ("belady", "optimum"):
+        elif policy in ("belady", "optimum", "fill_optimum"):
             prio[ids] = _min_priority(nxt[i], ids, rows)
         else:
             raise EngramStoreError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
@@ -242,7 +250,7 @@ def simulate(trace: Trace, policy: str, capacity: float | Mapping[str, int], *, 
     if not 0.0 <= hbm_share <= 1.0:
         raise EngramStoreError(f"hbm_share must be in [0, 1], got {hbm_share}")
     ranks = None
-    if policy in ("ours", "static"):
+    if policy in ("ours", "static", "fill_optimum"):
         if trace.counts is None and trace.ranks is None:
             raise EngramStoreError(f"policy {policy!r} ranks rows by training counts, but trace {trace.name!r} has "
                                    "none: give a counts file made with the trace's checkpoint")

@@ -33,6 +33,7 @@ from engram_pipeline.traces import Trace, text_trace, zipf_trace
 PEERS = ("LRU", "ARC", "LIRS", "TwoQ", "S3FIFO", "Sieve", "WTinyLFU", "Cacheus")
 
 FRACTIONS = (0.001, 0.01, 0.1, 0.25, 0.5)
+_RATIOS = ("_over_optimum", "_over_fill_optimum")  # result keys: a policy's hit rate over a bound's
 SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -240,6 +241,15 @@ def bench_trace(trace: Trace, fractions, policies, shares, window, peers=(), pee
         for p in ("ours", la_name):
             if p in rates:
                 out[f"{p}_over_optimum"] = [o / b if b else None for o, b in zip(rates[p], rates["optimum"])]
+    if "fill_optimum" in policies:
+        # every policy but the free-fill optimum starts from a subset of the warm fill (cold: none)
+        fill = hits["fill_optimum"]
+        beaten = [(p, fractions[i]) for p, hs in hits.items() if p != "optimum" for i, h in enumerate(hs) if h > fill[i]]
+        if beaten:
+            raise AssertionError(f"{trace.name}: policies beat the MIN from the warm fill (a bug): {beaten}")
+        for p in ("ours", la_name):
+            if p in rates:
+                out[f"{p}_over_fill_optimum"] = [o / b if b else None for o, b in zip(rates[p], rates["fill_optimum"])]
     if "ours" in policies:
         out["ours_hbm_share"] = chosen
         out["ours_tiers"] = tiers
@@ -255,10 +265,12 @@ def markdown(name: str, res: dict) -> str:
              f"compulsory bound {res['compulsory']:.1%}; peers start {res['peer_start']})", "", head,
              "|---|" + "---:|" * len(fr)]
     for p, ys in res["policies"].items():
-        label = {"optimum": "optimum (warm MIN)", "belady": "belady (cold MIN)"}.get(p, p)
+        label = {"optimum": "optimum (warm MIN)", "belady": "belady (cold MIN)",
+                 "fill_optimum": "fill optimum (MIN from the warm fill)"}.get(p, p)
         lines.append(f"| {label} | " + " | ".join(f"{y:.1%}" for y in ys) + " |")
-    for key in (k for k in res if k.endswith("_over_optimum")):
-        lines.append(f"| {key[:-len('_over_optimum')]} / optimum | " + " | ".join(
+    for key in (k for k in res if k.endswith(_RATIOS)):
+        p, bound = key.split("_over_", 1)
+        lines.append(f"| {p} / {bound.replace('_', ' ')} | " + " | ".join(
             f"{x:.1%}" if x is not None else "-" for x in res[key]) + " |")
     if "ours_hbm_share" in res:
         lines.append("| ours HBM share | " + " | ".join(f"{s:.2f}" for s in res["ours_hbm_share"]) + " |")
@@ -305,7 +317,7 @@ def run_hits(args) -> int:
     print(f"plot: {png}")
     r4 = lambda ys: dict(zip(map(str, fractions), (round(y, 4) if y is not None else None for y in ys)))  # noqa: E731
     summary = {name: {"hit_rate": {p: r4(ys) for p, ys in r["policies"].items()},
-                      **{k: r4(r[k]) for k in r if k.endswith("_over_optimum")},
+                      **{k: r4(r[k]) for k in r if k.endswith(_RATIOS)},
                       "lookahead_sweep": {k: round(v, 4) for k, v in r.get("lookahead_sweep", {}).get("hit_rate", {}).items()},
                       "ours_below_peers": r.get("ours_below_peers", []),
                       "build_s": r["meta"]["build_s"], "simulate_s": r["simulate_s"]}

@@ -113,3 +113,58 @@ def test_no_libcachesim_peer_exceeds_the_warm_optimum():
             for peer in PEERS:
                 for warm in (False, True):
                     assert runner.run(peer, f, warm=warm).hits <= opt, (peer, warm, f)
+
+
+def brute_force_from(reqs: list[frozenset], cap: int, start: frozenset) -> int:
+    """Most hits starting from exactly the rows ``start``; after each request hold any subset of
+    (held | request) of at most ``cap`` rows."""
+
+    @lru_cache(maxsize=None)
+    def best(i: int, held: frozenset) -> int:
+        if i == len(reqs):
+            return 0
+        pool = sorted(held | reqs[i])
+        top = max(best(i + 1, frozenset(keep)) for k in range(min(cap, len(pool)) + 1)
+                  for keep in combinations(pool, k))
+        return len(held & reqs[i]) + top
+
+    return best(0, start)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_fill_optimum_matches_brute_force_from_the_warm_fill(seed):
+    trace = small_trace(seed)
+    reqs = [frozenset(int(x) for x in r) for _, r in trace.requests]
+    rank = trace.rank("t")
+    for cap in range(0, 4):
+        fill = frozenset(int(x) for x in np.flatnonzero(rank < cap))  # the top-ranked rows, as the store warms
+        got = simulate(trace, "fill_optimum", {"t": cap}).hits
+        assert got == brute_force_from(reqs, cap, fill), cap
+        assert got <= simulate(trace, "optimum", {"t": cap}).hits
+
+
+def test_fill_optimum_pays_for_rows_training_did_not_rank_high():
+    # capacity 1; row 3 is ranked top but never used, row 2 is used twice: the free fill holds 2 from
+    # the start (2 hits), the warm fill holds 3, so its MIN misses row 2's first use (1 hit)
+    trace = Trace("two", {"t": 4}, [("t", np.array([2])), ("t", np.array([2]))],
+                  counts={"t": np.array([0, 0, 1, 9])})
+    assert simulate(trace, "optimum", {"t": 1}).hits == 2
+    assert simulate(trace, "fill_optimum", {"t": 1}).hits == 1
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_no_policy_from_the_warm_fill_exceeds_the_fill_optimum(seed):
+    rng = np.random.default_rng(70 + seed)
+    rows = int(rng.integers(20, 80))
+    p = np.arange(1, rows + 1, dtype=float) ** -1.0
+    p = p[rng.permutation(rows)] / p.sum()
+    reqs = [("t", np.unique(rng.choice(rows, size=int(rng.integers(1, 12)), p=p)).astype(np.int64)) for _ in range(40)]
+    trace = Trace("r", {"t": rows}, reqs, counts={"t": rng.integers(0, 6, size=rows)})
+    for cap in sorted({1, 3, rows // 5, rows // 2, rows}):
+        fill = simulate(trace, "fill_optimum", {"t": cap}).hits
+        for pol in ("belady", "lru", "lfu", "fifo", "static"):
+            assert simulate(trace, pol, {"t": cap}).hits <= fill, (pol, cap)
+        for share in (0.0, 0.5, 1.0):
+            for lookahead in (0, 2, 50):
+                r = simulate(trace, "ours", {"t": cap}, hbm_share=share, lookahead=lookahead)
+                assert r.hits <= fill, (share, lookahead, cap)
