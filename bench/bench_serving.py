@@ -87,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--drop-caches", action="store_true",
                    help="evict the store's files from the page cache before every timed run (cold disk tier)")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--compare-uva", action="store_true",
+                   help="also serve the DRAM variant with uva=False (DRAM rows gathered on the host and copied up)")
     return p.parse_args(argv)
 
 
@@ -285,13 +287,15 @@ def main(argv=None) -> int:
                 f"store dram{d} async-issue": (0, args.dram, True),
                 f"store hbm{h}+dram{d}": (args.hbm, args.dram, False),
                 "store dram100": (0, 1.0, False)}
+    if args.compare_uva:  # the host-gather path side by side with the default (the device reads the slab over UVA)
+        variants[f"store dram{d} uva-off"] = (0, args.dram, False, {"uva": False})
     models, stores = {"memory": mem_model}, {}
     for name, fr in variants.items():
         if fr is None:
             continue
         models[name], stores[name] = load_served(prep["ckpt"], prep["store"], device=dev,
                                                  hbm_bytes=int(fr[0] * total), dram_bytes=int(fr[1] * total),
-                                                 async_issue=fr[2])
+                                                 async_issue=fr[2], **(fr[3] if len(fr) > 3 else {}))
     main_variant = list(variants)[1]
     held = torch.from_numpy(prep["held"])
     B, T = args.batch, args.seq
@@ -402,7 +406,7 @@ def main(argv=None) -> int:
                         | ({"hidden_fraction_forward": round(r["fetch_forward"]["hidden_fraction"], 4),
                             "hidden_fraction_generate": round(r["fetch_generate"]["hidden_fraction"], 4)}
                            if "fetch_forward" in r else {}) for n, r in results.items()},
-           "bit_exact": exact, "load_avg": [round(x, 2) for x in os.getloadavg()], "goal_forward_overhead_le_3pct": results[main_variant]["forward_overhead_pct"] <= 3.0,
+           "bit_exact": exact, "dram_gather": {n: st.dram_gather for n, st in stores.items()}, "load_avg": [round(x, 2) for x in os.getloadavg()], "goal_forward_overhead_le_3pct": results[main_variant]["forward_overhead_pct"] <= 3.0,
            "seconds": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(out))
     return 0 if all(exact.values()) else 1
