@@ -99,7 +99,8 @@ class StoreWriter:
             remap[:] = np.arange(info.rows, dtype=remap.dtype)
         else:
             remap[o] = np.arange(info.rows, dtype=remap.dtype)
-        st = _TableState(name, info, block_rows_for(info.row_bytes, self.backend, self.block_bytes), remap)
+        st = _TableState(name, info, block_rows_for(info.row_bytes, self.backend, self.block_bytes, name),
+                         remap)
         try:
             self._rows.add_table(name, info, st.block_rows)
         except (OSError, lmdb.Error) as e:

@@ -60,13 +60,16 @@ def _dir_lock(root: Path, mode: int):
 
 
 class _Table(BlockTable):
-    def __init__(self, root: Path, name: str, info: TableInfo, entry: dict) -> None:
+    def __init__(self, root: Path, name: str, info: TableInfo, entry: dict, version: int) -> None:
         self.name = name
         self.info = info
         self.rb = info.row_bytes
         self.br = int(entry["block_rows"])
         self.n_blocks = -(-info.rows // self.br) if info.rows else 0
-        # block b at b * stride; stores written before page alignment record no stride: packed
+        # block b at b * stride; version 1 stores written before page alignment record no stride: packed
+        if version >= 2 and "block_stride" not in entry:
+            raise StoreCorruptError(f"table {name!r}: format version {version} requires a block_stride and the "
+                                    "manifest has none; the manifest is corrupt: rebuild the store")
         self.stride = int(entry.get("block_stride", self.br * self.rb))
         if self.stride < self.br * self.rb:
             raise StoreCorruptError(
@@ -105,7 +108,8 @@ class FlatFileDisk(BlockDisk):
                  io_threads: int, verify_reads: bool = True) -> None:
         super().__init__(root, pool, io_threads, verify_reads)
         self._replay_journal(manifest, infos)
-        self.tables = {n: _Table(self.root, n, infos[n], manifest["tables"][n]) for n in infos}
+        self.tables = {n: _Table(self.root, n, infos[n], manifest["tables"][n], manifest.get("format_version", 1))
+                       for n in infos}
 
     # -- reads ---------------------------------------------------------------------------
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
@@ -215,7 +219,8 @@ class FlatFileDisk(BlockDisk):
         ok = (len(body) >= 12 and body.startswith(_JOURNAL_MAGIC) and body[-8:-4] == b"END!"
               and struct.unpack("<I", body[-4:])[0] == crc32(body[:-4]))
         if ok:
-            tables = {n: _Table(self.root, n, infos[n], manifest["tables"][n]) for n in infos}
+            tables = {n: _Table(self.root, n, infos[n], manifest["tables"][n], manifest.get("format_version", 1))
+                      for n in infos}
             records, pos, end = [], 4, len(body) - 8
             while pos < end:
                 (ln,) = struct.unpack_from("<H", body, pos)

@@ -1,11 +1,20 @@
-"""The ``lmdb`` disk backend: rows in blocks, each block one zstd frame in one LMDB environment.
+"""The ``lmdb`` disk backend: rows in blocks, each block one value in one LMDB environment.
 
 Key: table name + ``b"/"`` + block index (8 bytes big-endian, so a table's blocks are
-adjacent in the B-tree). Value: the crc32 of the raw block bytes (uint32 LE), then a zstd
-frame of the block bytes, byte-shuffled first when the table's ``shuffle`` flag is set
-(all first bytes of every element, then all second bytes, ...: the exponent bytes of
-float rows line up, which zstd compresses better). :func:`encode_block` / :func:`decode_block`
+adjacent in the B-tree). Value (codec ``"zstd-or-raw"``, format version 2): the crc32 of the raw
+block bytes (uint32 LE), one codec byte, then the payload: ``RAW`` (0) the block bytes as they
+are, or ``ZSTD`` (1) a zstd frame of the block bytes, byte-shuffled first when the table's
+``shuffle`` flag is set (all first bytes of every element, then all second bytes, ...: the
+exponent bytes of float rows line up, which zstd compresses better). A block is stored raw when
+its frame would not be smaller (incompressible rows: fp8, hashed bytes). Codec ``"zstd"``
+(version 1): the crc32, then the zstd frame alone. :func:`encode_block` / :func:`decode_block`
 are that codec, the only one; :class:`LmdbDisk` reads and updates, :class:`LmdbWriter` writes.
+
+Blocks are sized so that a value sits inline in its B-tree leaf page (``format.rows.
+lmdb_block_bytes``): a cold block then costs one leaf page (and the branch pages above it) instead
+of a leaf and two overflow pages, each faulted synchronously (docs/cold_path.md). The writer
+appends keys in order (``MDB_APPEND``), which fills the leaf pages instead of splitting them half
+empty.
 
 Reads run on the store's I/O pool, one read transaction per thread and chunk; updates are
 one LMDB write transaction (blocks and their checksums change together or not at all).
@@ -33,32 +42,56 @@ def block_key(table: str, block: int) -> bytes:
     return table.encode() + b"/" + int(block).to_bytes(8, "big")
 
 
-# -- the block codec: value = crc32 (uint32 LE) of the raw block + one zstd frame of the payload,
-#    the payload being the raw bytes, byte-shuffled when the table's shuffle flag is set.
+# -- the block codec (see the module docstring) ------------------------------------------------------
+CODEC_ZSTD = "zstd"  # version 1: crc32 + zstd frame
+CODEC_FLAGGED = "zstd-or-raw"  # version 2: crc32 + codec byte + payload
+CODECS = (CODEC_ZSTD, CODEC_FLAGGED)
+RAW, ZSTD = 0, 1
+
 
 def shuffle_bytes(raw: bytes | memoryview, itemsize: int) -> bytes:
     """Byte-shuffle: all first bytes of the elements, then all second bytes, ..."""
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, itemsize).T.tobytes()
 
 
-def encode_block(raw: bytes | memoryview, itemsize: int, shuffle: bool, cctx: zstandard.ZstdCompressor) -> bytes:
+def encode_block(raw: bytes | memoryview, itemsize: int, shuffle: bool, cctx: zstandard.ZstdCompressor,
+                 codec: str = CODEC_FLAGGED) -> bytes:
     """The stored value of a block of ``raw`` row bytes."""
     c = crc32(raw).to_bytes(4, "little")
-    payload = shuffle_bytes(raw, itemsize) if shuffle else raw
-    return c + cctx.compress(payload)
+    frame = cctx.compress(shuffle_bytes(raw, itemsize) if shuffle else raw)
+    if codec == CODEC_ZSTD:
+        return c + frame
+    if len(frame) < len(raw):
+        return c + bytes((ZSTD,)) + frame
+    return c + bytes((RAW,)) + bytes(raw)
 
 
-def decompress_block(value, n: int, dctx: zstandard.ZstdDecompressor, table: str, block: int) -> bytes:
-    """The payload of stored ``value`` (bytes-like; None: the block is missing), exactly ``n`` bytes."""
+def block_payload(value, n: int, codec: str, dctx: zstandard.ZstdDecompressor, table: str,
+                  block: int) -> tuple[bytes | memoryview, bool]:
+    """The payload of stored ``value`` (bytes-like; None: the block is missing), exactly ``n`` bytes,
+    and whether it is a zstd payload (byte-shuffled if the table shuffles) rather than the raw bytes."""
     if value is None:
         raise StoreCorruptError(f"table {table!r} block {block}: missing from the LMDB environment; rebuild the store")
+    if codec == CODEC_FLAGGED:
+        kind = value[4] if len(value) > 4 else None
+        if kind == RAW:
+            payload = value[5:]
+            if len(payload) != n:
+                raise StoreCorruptError(f"table {table!r} block {block}: {len(payload)} raw bytes, expected {n}; "
+                                        "rebuild the store")
+            return payload, False
+        if kind != ZSTD:
+            raise StoreCorruptError(f"table {table!r} block {block}: unknown codec byte {kind!r}; rebuild the store")
+        frame = value[5:]
+    else:
+        frame = value[4:]
     try:
-        payload = dctx.decompress(value[4:], max_output_size=n)
+        payload = dctx.decompress(frame, max_output_size=n)
     except zstandard.ZstdError as e:
         raise StoreCorruptError(f"table {table!r} block {block}: zstd frame is corrupt ({e}); rebuild the store") from e
     if len(payload) != n:
         raise StoreCorruptError(f"table {table!r} block {block}: {len(payload)} bytes, expected {n}; rebuild the store")
-    return payload
+    return payload, True
 
 
 def stored_crc(value) -> int:
@@ -86,10 +119,11 @@ def unshuffle_into(payloads: list[bytes], out: np.ndarray, itemsize: int, shuffl
 
 
 def decode_block(value, n: int, itemsize: int, shuffle: bool, dctx: zstandard.ZstdDecompressor, table: str,
-                 block: int, verify: bool = True) -> np.ndarray:
+                 block: int, verify: bool = True, codec: str = CODEC_FLAGGED) -> np.ndarray:
     """The ``n`` raw bytes (uint8) of one block from its stored ``value``, crc32 checked if ``verify``."""
     out = np.empty((1, n), np.uint8)
-    unshuffle_into([decompress_block(value, n, dctx, table, block)], out, itemsize, shuffle)
+    payload, packed = block_payload(value, n, codec, dctx, table, block)
+    unshuffle_into([payload], out, itemsize, shuffle and packed)
     if verify and crc32(out) != stored_crc(value):
         raise StoreCorruptError(f"table {table!r} block {block}: checksum mismatch; the store is corrupt: rebuild it")
     return out.reshape(-1)
@@ -112,6 +146,10 @@ class _Table(BlockTable):
         self.shuffle = bool(entry.get("shuffle", False))
         self.itemsize = info.row_bytes // info.dim
         self.level = int(entry.get("level", 3))
+        self.codec = entry.get("codec", CODEC_ZSTD)
+        if self.codec not in CODECS:
+            raise StoreCorruptError(f"table {name!r}: unknown codec {self.codec!r} (known: {CODECS}); upgrade "
+                                    "engram-store or rebuild the store")
         self.n_blocks = -(-info.rows // self.br) if info.rows else 0
 
 
@@ -150,26 +188,36 @@ class LmdbDisk(BlockDisk):
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf``; returns the stored bytes read.
 
-        Per block only the LMDB get (which takes the cold page fault of the value, GIL released)
-        and the zstd call (GIL released) run; the unshuffle is one vectorised copy for the chunk
-        and the checksums one crc32 per block over ``buf``: less time holding the GIL per block
-        lets the I/O threads' page faults overlap (cold reads 0.5x -> ~0.6x of mmap's).
+        Per block only the LMDB get (which takes the cold page faults of the branch and leaf pages,
+        GIL released) and the zstd call or the copy of a raw block run; the unshuffle of zstd blocks
+        is one vectorised copy where it can be and the checksums one crc32 per block over ``buf``:
+        less time holding the GIL per block lets the I/O threads' page faults overlap.
         """
         prefix = t.name.encode() + b"/"
         dctx = self._dctx()
         moved = 0
-        payloads, crcs = [], []
+        packed, packed_at, crcs = [], [], []
+        rows = buf[lo:hi]
         with self.env.begin(buffers=True) as txn:
-            for i in range(lo, hi):
-                b = int(blocks[i])
+            for j in range(hi - lo):
+                b = int(blocks[lo + j])
                 v = txn.get(prefix + b.to_bytes(8, "big"))
-                payloads.append(decompress_block(v, t.block_len(b), dctx, t.name, b))
+                p, is_packed = block_payload(v, t.block_len(b), t.codec, dctx, t.name, b)
+                if is_packed:
+                    packed.append(p)
+                    packed_at.append(j)
+                else:  # a raw block: a view of the map, valid only inside the transaction
+                    rows[j, : len(p)] = np.frombuffer(p, np.uint8)
                 crcs.append(stored_crc(v))
                 moved += len(v)
-        unshuffle_into(payloads, buf[lo:hi], t.itemsize, t.shuffle)
+        if packed and len(packed) == rows.shape[0]:  # every block a zstd frame: one vectorised unshuffle
+            unshuffle_into(packed, rows, t.itemsize, t.shuffle)
+        else:
+            for p, j in zip(packed, packed_at):
+                unshuffle_into([p], rows[j: j + 1], t.itemsize, t.shuffle)
         if self.verify:
             for j, c in enumerate(crcs):
-                if crc32(buf[lo + j, : len(payloads[j])]) != c:
+                if crc32(rows[j, : t.block_len(int(blocks[lo + j]))]) != c:
                     raise StoreCorruptError(f"table {t.name!r} block {int(blocks[lo + j])}: checksum mismatch; "
                                             "the store is corrupt: rebuild it")
         return moved
@@ -184,10 +232,10 @@ class LmdbDisk(BlockDisk):
                 b = int(b)
                 key = block_key(t.name, b)
                 arr = decode_block(txn.get(key), t.block_len(b), t.itemsize, t.shuffle, self._dctx(),
-                                   t.name, b).reshape(-1, t.rb)
+                                   t.name, b, codec=t.codec).reshape(-1, t.rb)
                 sel = (ranks // t.br) == b
                 arr[ranks[sel] - b * t.br] = rows[sel]
-                txn.put(key, encode_block(arr.tobytes(), t.itemsize, t.shuffle, cctx))
+                txn.put(key, encode_block(arr.tobytes(), t.itemsize, t.shuffle, cctx, t.codec))
 
     def close(self) -> None:
         if self.env is not None:
@@ -213,6 +261,7 @@ class LmdbWriter:
         self._env: lmdb.Environment | None = None
         self._tables: dict[str, tuple[int, int]] = {}  # name -> (itemsize, next block index)
         self._bytes = 0
+        self._last_key = b""  # keys above every key written so far are appended (full leaf pages)
 
     def add_table(self, name: str, info: TableInfo, block_rows: int) -> None:
         self._tables[name] = (info.row_bytes // info.dim, 0)
@@ -229,14 +278,19 @@ class LmdbWriter:
         itemsize, b = self._tables[name]
         with self._env.begin(write=True) as txn:
             for i in range(0, len(data), block_bytes):
-                txn.put(block_key(name, b), encode_block(data[i: i + block_bytes], itemsize, self.shuffle,
-                                                         self._cctx))
+                key = block_key(name, b)
+                # MDB_APPEND fills each leaf page before starting the next (a plain put of ascending
+                # keys splits pages in half: 2x the pages); it is only legal above every key so far
+                append = key > self._last_key
+                txn.put(key, encode_block(data[i: i + block_bytes], itemsize, self.shuffle, self._cctx),
+                        append=append)
+                self._last_key = max(self._last_key, key)
                 b += 1
         self._tables[name] = (itemsize, b)
 
     def finish_table(self, name: str) -> dict:
         """The table's manifest entry's backend fields."""
-        return {"codec": "zstd", "level": self.level, "shuffle": self.shuffle, "checksum": "crc32"}
+        return {"codec": CODEC_FLAGGED, "level": self.level, "shuffle": self.shuffle, "checksum": "crc32"}
 
     def finish(self) -> dict:
         """After every table: close the environment (its files are complete); the manifest's backend fields."""

@@ -9,7 +9,12 @@ from engram_store.errors import StoreCorruptError, StoreNotFoundError
 from engram_store.format.rows import crc32
 
 FORMAT_NAME = "engram-store"
-FORMAT_VERSION = 1
+# The version writers write. 2: flat-file blocks at "block_stride" (page-aligned, required) and LMDB
+# values of codec "zstd-or-raw" (a codec byte after the crc32). 1: packed flat-file blocks (a
+# "block_stride" is honoured: stores written between the two say 1) and LMDB values of codec "zstd".
+# Readers read every version from 1 up to FORMAT_VERSION.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 LMDB_DIR = "rows.lmdb"
 # Backend names as manifests record them. "mmap" names the flat-file backend (read with pread,
@@ -54,10 +59,15 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise StoreCorruptError(f"{mpath}: not an engram-store manifest")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise StoreCorruptError(
-            f"{mpath}: format_version {version!r}, this engram-store reads {FORMAT_VERSION}; "
-            "upgrade engram-store or rebuild the store"
+            f"{mpath}: format_version {version} was written by a newer engram-store; this one reads versions "
+            f"{READ_VERSIONS[0]}-{FORMAT_VERSION}: upgrade engram-store (pip install -U engram-store) to open it"
+        )
+    if not isinstance(version, int) or isinstance(version, bool) or version not in READ_VERSIONS:
+        raise StoreCorruptError(
+            f"{mpath}: format_version {version!r} is not a version engram-store ever wrote (it reads "
+            f"{READ_VERSIONS[0]}-{FORMAT_VERSION}): the manifest is corrupt; rebuild the store"
         )
     if manifest.get("backend") not in BACKENDS:
         raise StoreCorruptError(f"{mpath}: unknown backend {manifest.get('backend')!r}")

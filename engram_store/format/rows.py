@@ -8,6 +8,7 @@ device after the gather.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -19,12 +20,32 @@ import torch
 from engram_store.errors import EngramStoreError, InvalidValuesError, StoreCorruptError
 
 # One checksum block is one 4 KiB page of rows for mmap (a cold read costs a page fault
-# anyway, so verifying the whole block is free). LMDB blocks are 4 KiB of raw rows too:
-# measured (bench/bench_tiers.py --drop-caches), 16 KiB blocks span four overflow pages,
-# each a separate cold page fault, and the cold path fell to 0.25x of mmap's (4 KiB: 0.54x);
-# float rows compress only ~1.07-1.3x, which LMDB's page rounding mostly eats either way.
+# anyway, so verifying the whole block is free).
 MMAP_BLOCK_BYTES = 4096
-LMDB_BLOCK_BYTES = 4096
+
+# An LMDB block is as many rows as fit *inline* in a B-tree leaf page: a larger value goes to
+# overflow pages, and a cold read then faults the leaf and the overflow pages one after another
+# (measured, docs/cold_path.md: 4 KiB blocks cost a leaf + 2 overflow pages and read at ~0.4x the
+# inline layout's rate). LMDB 0.9 keeps a node inline while 8 (node header) + key + value bytes
+# are at most ``((page - 16) // 2 & ~1) - 2`` (``me_nodemax``: two nodes per page at least).
+# The stored value is the raw block plus ``LMDB_VALUE_OVERHEAD`` bytes (crc32, codec byte).
+LMDB_VALUE_OVERHEAD = 5
+LMDB_PAGE_BYTES = min(4096 if not hasattr(os, "sysconf") else os.sysconf("SC_PAGE_SIZE"), 32768)
+
+
+def lmdb_inline_value_bytes(key_bytes: int, page_bytes: int = LMDB_PAGE_BYTES) -> int:
+    """The largest LMDB value that stays inline in a leaf page next to a ``key_bytes`` key."""
+    return ((page_bytes - 16) // 2 & ~1) - 2 - 8 - int(key_bytes)
+
+
+def lmdb_block_bytes(table: str) -> int:
+    """Default raw bytes of an LMDB block of ``table``: what keeps its stored values inline."""
+    key = len(table.encode()) + 1 + 8  # table name + "/" + 8-byte block index
+    return lmdb_inline_value_bytes(key) - LMDB_VALUE_OVERHEAD
+
+
+# A short table name's default (1,995 raw bytes on 4 KiB pages: 7 rows of 264 B, 15 of 128 B).
+LMDB_BLOCK_BYTES = lmdb_block_bytes("t")
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -128,9 +149,11 @@ def table_info(name: str, entry: dict) -> TableInfo:
     return info
 
 
-def block_rows_for(row_bytes: int, backend: str, block_bytes: int | None = None) -> int:
+def block_rows_for(row_bytes: int, backend: str, block_bytes: int | None = None, table: str = "t") -> int:
+    """Rows per block of a new table: ``block_bytes`` of rows (default: a 4 KiB page for mmap, the
+    inline size of ``table``'s LMDB values for lmdb), at least one row."""
     if block_bytes is None:
-        block_bytes = MMAP_BLOCK_BYTES if backend == "mmap" else LMDB_BLOCK_BYTES
+        block_bytes = MMAP_BLOCK_BYTES if backend == "mmap" else lmdb_block_bytes(table)
     return max(1, int(block_bytes) // int(row_bytes))
 
 

@@ -24,7 +24,7 @@ MANIFEST_BODY = b"""{
  "backend": "mmap",
  "fingerprint": "f00d",
  "format": "engram-store",
- "format_version": 1,
+ "format_version": 2,
  "tables": {
   "t": {
    "block_rows": 1024,
@@ -70,8 +70,8 @@ def test_exact_bytes_of_a_tiny_store(tmp_path):
     remap = _npy_int32([1, 2, 0])  # remap[row] = rank
     assert (path / "t.remap.npy").read_bytes() == remap
     body = MANIFEST_BODY.replace(b"REMAP_CRC", str(zlib.crc32(remap)).encode())
-    manifest = body.replace(b' "format_version": 1,\n',
-                            b' "format_version": 1,\n "manifest_crc32": %d,\n' % zlib.crc32(body))
+    manifest = body.replace(b' "format_version": 2,\n',
+                            b' "format_version": 2,\n "manifest_crc32": %d,\n' % zlib.crc32(body))
     assert (path / "manifest.json").read_bytes() == manifest
 
 
@@ -100,33 +100,54 @@ def test_block_checksums_cover_4kib_pages(tmp_path):
 
 
 def test_lmdb_block_values_follow_the_format(tmp_path):
-    """Each LMDB value: crc32 (uint32 LE) of the raw block, then a zstd frame of the block bytes
-    byte-shuffled (first bytes of every element, then second bytes, ...), shuffle written here as a
-    plain loop; decode_block is the exact inverse and refuses a flipped crc."""
+    """Each LMDB value (codec "zstd-or-raw"): crc32 (uint32 LE) of the raw block, a codec byte, then a
+    zstd frame of the block bytes byte-shuffled (first bytes of every element, then second bytes, ...),
+    shuffle written here as a plain loop; decode_block is the exact inverse and refuses a flipped crc."""
     import lmdb
-    import pytest
     import zstandard
 
     from engram_store.disk.lmdb_zstd import block_key, decode_block
-    from engram_store.errors import StoreCorruptError
 
-    T = torch.arange(700 * 3, dtype=torch.float16).reshape(700, 3)  # 6-byte rows: 682 per block, 2 blocks
+    # 6-byte rows: (2030 - 10 - 5) // 6 = 335 rows per block (inline in a 4 KiB leaf page), 3 blocks
+    T = torch.arange(700 * 3, dtype=torch.float16).reshape(700, 3)
     path = engram_store.write(tmp_path / "s", {"t": T}, backend="lmdb", shuffle=True)
+    entry = json.loads((path / "manifest.json").read_text())["tables"]["t"]
+    assert (entry["block_rows"], entry["codec"]) == (335, "zstd-or-raw")
     raw = T.numpy().tobytes()
     env = lmdb.open(str(path / "rows.lmdb"), readonly=True, lock=False)
     dctx = zstandard.ZstdDecompressor()
     with env.begin() as txn:
-        for b, (lo, hi) in enumerate([(0, 682 * 6), (682 * 6, 700 * 6)]):
+        for b, (lo, hi) in enumerate([(0, 335 * 6), (335 * 6, 670 * 6), (670 * 6, 700 * 6)]):
             block = raw[lo:hi]
             value = txn.get(block_key("t", b))
             assert value[:4] == struct.pack("<I", zlib.crc32(block))
+            assert value[4] == 1  # arange floats compress: a zstd frame
             shuffled = bytes(block[i * 2 + k] for k in range(2) for i in range(len(block) // 2))
-            assert dctx.decompress(value[4:], max_output_size=len(block)) == shuffled
+            assert dctx.decompress(value[5:], max_output_size=len(block)) == shuffled
             assert decode_block(value, len(block), 2, True, dctx, "t", b).tobytes() == block
             bad = bytes([value[0] ^ 1]) + value[1:]
-            with pytest.raises(StoreCorruptError, match="'t' block 1" if b else "'t' block 0"):
+            with pytest.raises(StoreCorruptError, match=f"'t' block {b}"):
                 decode_block(bad, len(block), 2, True, dctx, "t", b)
-        assert txn.get(block_key("t", 2)) is None
+        assert txn.get(block_key("t", 3)) is None
+    env.close()
+
+
+def test_lmdb_incompressible_blocks_are_stored_raw(tmp_path):
+    # V4.1-shaped 264-byte rows of random bytes: 7 rows per block, codec byte 0, then the rows as they are
+    import lmdb
+
+    from engram_store.disk.lmdb_zstd import block_key
+
+    g = torch.Generator().manual_seed(3)
+    T = torch.randint(0, 256, (20, 264), dtype=torch.uint8, generator=g)
+    path = engram_store.write(tmp_path / "s", {"t": T}, backend="lmdb")
+    assert json.loads((path / "manifest.json").read_text())["tables"]["t"]["block_rows"] == 7
+    raw = T.numpy().tobytes()
+    env = lmdb.open(str(path / "rows.lmdb"), readonly=True, lock=False)
+    with env.begin() as txn:
+        for b in range(3):
+            block = raw[b * 7 * 264: min(20, (b + 1) * 7) * 264]
+            assert txn.get(block_key("t", b)) == struct.pack("<I", zlib.crc32(block)) + b"\x00" + block
     env.close()
 
 
@@ -161,6 +182,7 @@ def test_a_store_without_block_stride_is_read_packed(tmp_path):
     p = engram_store.write(tmp_path / "s", {"t": T})
     manifest = json.loads((p / "manifest.json").read_text())
     del manifest["tables"]["t"]["block_stride"]
+    manifest["format_version"] = 1
     (p / "manifest.json").write_bytes(manifest_bytes(seal_manifest(
         {k: v for k, v in manifest.items() if k != "manifest_crc32"})))
     (p / "t.rows").write_bytes(T.view(torch.uint8).numpy().tobytes())  # packed rows, rank = id
@@ -169,4 +191,36 @@ def test_a_store_without_block_stride_is_read_packed(tmp_path):
                            T[[39, 0, 14, 15, 29, 30]].view(torch.int16))
     (p / "t.rows").write_bytes(T.view(torch.uint8).numpy().tobytes()[:-1])
     with pytest.raises(StoreCorruptError, match="truncated"):
+        engram_store.open(p, device="cpu")
+
+
+def _rewrite_manifest(p, **changes):
+    manifest = {k: v for k, v in json.loads((p / "manifest.json").read_text()).items() if k != "manifest_crc32"}
+    manifest.update(changes)
+    (p / "manifest.json").write_bytes(manifest_bytes(seal_manifest(manifest)))
+    return manifest
+
+
+def test_version_2_requires_block_stride(tmp_path):
+    p = engram_store.write(tmp_path / "s", {"t": torch.randn(40, 132).half()})
+    m = json.loads((p / "manifest.json").read_text())
+    assert m["format_version"] == 2
+    del m["tables"]["t"]["block_stride"]
+    _rewrite_manifest(p, tables=m["tables"])
+    with pytest.raises(StoreCorruptError, match="requires a block_stride"):
+        engram_store.open(p, device="cpu")
+
+
+def test_a_newer_format_version_says_upgrade(tmp_path):
+    p = engram_store.write(tmp_path / "s", {"t": torch.randn(4, 2)})
+    _rewrite_manifest(p, format_version=3)
+    with pytest.raises(StoreCorruptError, match=r"format_version 3 was written by a newer engram-store.*upgrade"):
+        engram_store.open(p, device="cpu")
+
+
+@pytest.mark.parametrize("version", [0, "2", True, 2.0, None])
+def test_a_format_version_never_written_is_corrupt(tmp_path, version):
+    p = engram_store.write(tmp_path / "s", {"t": torch.randn(4, 2)})
+    _rewrite_manifest(p, format_version=version)
+    with pytest.raises(StoreCorruptError, match="not a version engram-store ever wrote"):
         engram_store.open(p, device="cpu")
