@@ -60,6 +60,10 @@ def plot_hit_rates(curves: dict[str, dict], path: str | os.PathLike) -> Path:
                 opt = c["policies"].get("optimum")
                 if opt and sw["capacity"] in c["fractions"]:
                     ax2.axhline(opt[c["fractions"].index(sw["capacity"])], color="k", label="optimum (warm MIN)")
+                fill = c["policies"].get("fill_optimum")
+                if fill and sw["capacity"] in c["fractions"]:
+                    ax2.axhline(fill[c["fractions"].index(sw["capacity"])], color="0.45", linestyle="--",
+                                label="MIN from the warm fill")
                 ax2.set_xticks(range(len(ws)), ws)
                 ax2.set_xlabel(f"hint window (batches ahead), capacity {100 * sw['capacity']:g}%")
                 ax2.grid(True, alpha=0.3)
