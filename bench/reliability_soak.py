@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "store" / "reliability")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "store" / "reliability")]
 
 import engram_store  # noqa: E402
 import test_reliability_concurrency as conc  # noqa: E402
