@@ -2,7 +2,7 @@
 
     python bench/bench_cold.py [--table-gb 4] [--row-bytes 128,264] [--batches 1024,16384,65536]
                                [--dists uniform,zipf] [--repeats 3] [--drop-caches] [--no-lmdb]
-                               [--no-experiments] [--dir DIR] [--keep]
+                               [--no-experiments] [--dir DIR] [--keep] [--reuse DIR]
 
 For each row size one table of ``--table-gb`` GB is written three ways from one stream of rows:
 a plain flat file (``raw.bin``: row r at ``r * row_bytes``), an engram-store with the flat-file
@@ -33,6 +33,9 @@ it the reads come from the page cache). Rates are ids/s (duplicates count); per 
 ratio to the best peer of that repeat is taken and the median and range over repeats reported.
 
 Prints a markdown table, then ONE JSON line. Deletes the tables it wrote unless ``--keep``.
+``--reuse DIR`` (for iterating; the final figures come from a fresh build) keeps the tables in
+``DIR/<row bytes>B-<GB>GB`` and reads them again in later runs with the same sizes instead of
+building them (~75 s per 4 GB row size); delete the folder to rebuild with a changed writer.
 """
 
 from __future__ import annotations
@@ -80,8 +83,23 @@ def row_bytes_of(ranks: np.ndarray, rb: int) -> np.ndarray:
     return np.ascontiguousarray(x.view(np.uint8).reshape(ranks.size, w * 8)[:, :rb])
 
 
+BUILT = "built.json"  # written last by build(): a folder without it is a build that did not finish
+
+
 def build(work: Path, rows: int, rb: int, lmdb: bool, chunk: int = 1 << 16) -> dict:
-    """The flat file, the engramdb shard (a link to it) and the stores, from one stream of rows."""
+    """The flat file, the engramdb shard (a link to it) and the stores, from one stream of rows;
+    an earlier complete build of the same shape in ``work`` is reused as it is."""
+    marker = work / BUILT
+    shape = {"rows": rows, "row_bytes": rb, "lmdb": lmdb}
+    if marker.is_file() and json.loads(marker.read_text()) == shape:
+        return {"raw": work / "raw.bin", "edb": work / "engramdb", "mmap": work / "store_mmap",
+                "lmdb": work / "store_lmdb" if lmdb else None, "build_s": 0.0, "reused": True}
+    for old in ("raw.bin", "engramdb", "store_mmap", "store_lmdb", BUILT):
+        q = work / old
+        if q.is_symlink() or q.is_file():
+            q.unlink()
+        elif q.is_dir():
+            shutil.rmtree(q)
     dim = rb // 2  # float16 rows: the store keeps their bytes as they are
     raw = work / "raw.bin"
     writers = {"mmap": engram_store.StoreWriter(work / "store_mmap", backend="mmap")}
@@ -102,8 +120,9 @@ def build(work: Path, rows: int, rb: int, lmdb: bool, chunk: int = 1 << 16) -> d
     edb = work / "engramdb"
     edb.mkdir()
     (edb / "badge_000.bin").symlink_to(raw)  # engramdb's shard file format is the flat rows
+    marker.write_text(json.dumps(shape))
     return {"raw": raw, "edb": edb, "mmap": work / "store_mmap",
-            "lmdb": work / "store_lmdb" if lmdb else None, "build_s": time.perf_counter() - t0}
+            "lmdb": work / "store_lmdb" if lmdb else None, "build_s": time.perf_counter() - t0, "reused": False}
 
 
 def make_ids(dist: str, n: int, rows: int, s: float, rng: np.random.Generator) -> np.ndarray:
@@ -203,7 +222,8 @@ def git_commit() -> str:
 def run_size(args, rb: int, work: Path, pool: ThreadPoolExecutor) -> tuple[list[dict], dict]:
     rows = int(args.table_gb * 1e9) // rb
     paths = build(work, rows, rb, not args.no_lmdb)
-    meta = {"rows": rows, "table_bytes": rows * rb, "build_s": round(paths["build_s"], 1)}
+    meta = {"rows": rows, "table_bytes": rows * rb, "build_s": round(paths["build_s"], 1),
+            "reused": paths["reused"]}
     print(f"# {rb}-byte rows: {rows} rows, {rows * rb / 1e9:.2f} GB, built in {paths['build_s']:.0f} s",
           file=sys.stderr)
     import engramdb
@@ -306,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-experiments", action="store_true", help="skip the x_* I/O strategy experiments")
     ap.add_argument("--dir", type=Path, default=None, help="scratch dir on the disk to test (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the tables (default: deleted at the end)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="keep the tables in DIR/<rb>B-<gb>GB and reuse them in later runs (default: build fresh)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     args.batches = [int(x) for x in args.batches.split(",")]
@@ -314,20 +336,25 @@ def main(argv=None) -> int:
     if any(rb % 2 for rb in sizes):
         ap.error("--row-bytes must be even (rows are written as float16 values)")
 
-    base = args.dir or Path(tempfile.gettempdir())
+    base = args.reuse or args.dir or Path(tempfile.gettempdir())
+    base.mkdir(parents=True, exist_ok=True)
     need = args.table_gb * 1e9 * (3 if args.no_lmdb else 4)  # flat file, store, lmdb (+ slack)
     free = shutil.disk_usage(base).free
-    if free < need:
+    if free < need and not args.reuse:
         ap.error(f"{base}: {free / 1e9:.1f} GB free, a {args.table_gb} GB table needs ~{need / 1e9:.0f} GB")
     results, meta = [], {}
     with ThreadPoolExecutor(32) as pool:
         for rb in sizes:
-            work = Path(tempfile.mkdtemp(prefix=f"bench-cold-{rb}-", dir=base))
+            if args.reuse:
+                work = base / f"{rb}B-{args.table_gb:g}GB"
+                work.mkdir(exist_ok=True)
+            else:
+                work = Path(tempfile.mkdtemp(prefix=f"bench-cold-{rb}-", dir=base))
             try:
                 res, meta[rb] = run_size(args, rb, work, pool)
                 results += res
             finally:
-                if not args.keep:
+                if not (args.keep or args.reuse):
                     shutil.rmtree(work, ignore_errors=True)
 
     print("| row B | ids | batch | " + " | ".join(m for m in dict.fromkeys(r["method"] for r in results)) + " |")
@@ -349,7 +376,7 @@ def main(argv=None) -> int:
     print(json.dumps({
         "bench": "cold", "commit": git_commit(), "machine": f"{platform.node()} {os.cpu_count()} cores",
         "drop_caches": args.drop_caches, "table_gb": args.table_gb, "repeats": args.repeats,
-        "zipf_s": args.zipf_s, "verified": True, "tables": {str(k): v for k, v in meta.items()},
+        "zipf_s": args.zipf_s, "verified": True, "load_avg": [round(x, 2) for x in os.getloadavg()], "tables": {str(k): v for k, v in meta.items()},
         "checks": checks, "results": results,
     }))
     return 0
