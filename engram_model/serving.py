@@ -59,6 +59,19 @@ class FetchTimer:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
 
+    # the two per-prefetch records, written out: a decoding step makes one prefetch per Engram layer
+    def add_issue(self, issue_s: float) -> None:
+        with self.lock:
+            self.issue_s += issue_s
+            self.prefetches += 1
+
+    def add_wait(self, wait_s: float, fetch_s: float, hidden_s: float) -> None:
+        with self.lock:
+            self.wait_s += wait_s
+            self.fetch_s += fetch_s
+            self.hidden_s += hidden_s
+            self.waits += 1
+
     def summary(self) -> dict:
         """Totals and the hidden fraction: the share of fetch time that was not on the critical path
         (not inside prefetch() and not blocked in wait()), i.e. overlapped with compute."""
@@ -107,8 +120,7 @@ class TimedPending:
         if not self._waited:
             self._waited = True
             fetch = (self._ready if self._ready is not None else t1) - self._t0
-            self._timer.add(wait_s=t1 - t0, fetch_s=fetch, hidden_s=max(0.0, fetch - self._issue - (t1 - t0)),
-                            waits=1)
+            self._timer.add_wait(t1 - t0, fetch, max(0.0, fetch - self._issue - (t1 - t0)))
         return out
 
 
@@ -139,7 +151,7 @@ class ServedTable:
             ids = row_ids.detach().cpu() if isinstance(row_ids, torch.Tensor) else row_ids
             pending._issuing = self.issuer.submit(lambda: pending._attach(self._view.prefetch(ids)))
         pending._issue = time.perf_counter() - t0
-        self.timer.add(issue_s=pending._issue, prefetches=1)
+        self.timer.add_issue(pending._issue)
         return pending
 
     def lookup(self, row_ids: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,10 @@ prefetch can evict them). The hold is released exactly once: by the first ``wait
 garbage-collected *and* its I/O has finished (released through a queue the store drains
 under its lock, so garbage collection never takes the lock).
 
+A prefetch served inside ``prefetch()`` gets a :class:`Done` instead of a ``Future``: a decoding
+step makes one per Engram layer per token, and a ``Future``'s condition variable and a
+``weakref.finalize`` per handle were a third of such a prefetch's cost.
+
 Thread-safety: ``wait()`` and ``done()`` may be called from any thread, and more than once;
 every ``wait()`` returns the same tensor.
 """
@@ -18,7 +22,6 @@ every ``wait()`` returns the same tensor.
 from __future__ import annotations
 
 import time
-import weakref
 from concurrent.futures import Future
 from typing import Callable, Protocol, runtime_checkable
 
@@ -68,12 +71,25 @@ def _release_when_done(future: Future, queue_release) -> None:
 class Handle:
     """Pending rows of one prefetch. See the module docstring for the release rules."""
 
-    def __init__(self, future: Future, release_now, queue_release, stats) -> None:
+    def __init__(self, future, release_now, queue_release, stats) -> None:
         self._future = future
         self._release_now = release_now
+        self._queue_release = queue_release
         self._stats = stats
         self._synced = False
-        self._finalizer = weakref.finalize(self, _release_when_done, future, queue_release)
+        self._hold = [True]  # popped exactly once (list.pop is atomic): by the first wait() or by __del__
+
+    def _take_hold(self) -> bool:
+        try:
+            self._hold.pop()
+        except IndexError:
+            return False
+        return True
+
+    def __del__(self) -> None:
+        hold = getattr(self, "_hold", None)
+        if hold and self._take_hold():  # dropped without wait(): release once its I/O has finished
+            _release_when_done(self._future, self._queue_release)
 
     def add_done_callback(self, fn: Callable[[], None]) -> None:
         self._future.add_done_callback(lambda _f: fn())
@@ -92,7 +108,7 @@ class Handle:
         try:
             out, event = self._future.result()
         finally:
-            if self._finalizer.detach() is not None:
+            if self._take_hold():
                 self._release_now()
         if event is not None and not self._synced:
             stream = torch.cuda.current_stream(out.device)
@@ -103,7 +119,26 @@ class Handle:
         return out
 
 
-def done_future(value) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
+class Done:
+    """A future that finished with ``value``: the members ``Handle`` uses, without ``Future``'s lock."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self, timeout: float | None = None):
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> None:
+        return None
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
+
+
+def done_future(value) -> Done:
+    return Done(value)
