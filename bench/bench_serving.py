@@ -11,9 +11,11 @@ Then, in ONE process, interleaving the variants rep by rep on the same held-out 
 
 * ``memory``: the checkpoint's model, tables in memory (on the device);
 * ``store dram25``: served from the store, DRAM tier = 25% of the table bytes, no HBM tier,
-  the rest on disk (the goal: <= 3% throughput loss);
+  the rest on disk (target: <= 10% overhead, forward and generation);
 * ``store hbm5+dram25``: plus an HBM tier of 5% (on CPU the "HBM" tier is a static CPU tensor);
-* ``store dram100``: the whole table in host memory (the paper's 1.9-2.8% anchor).
+* ``store dram100``: the whole table in host memory (target: <= 2% overhead; the paper's 1.9-2.8%
+  anchor). Its budget is split by table size, not by the manifest's tier plan (that plan's
+  per-table shares, made for a 25% budget, would leave part of a table on disk).
 
 Figures: forward tokens/s (batch x seq_len tokens per forward) and generation tokens/s
 (KV-cache decoding, new tokens only), medians over reps; the overhead of each store variant
@@ -78,7 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--iters", type=int, default=3, help="forwards per variant per rep")
-    p.add_argument("--reps", type=int, default=6, help="reps (each: --iters forwards and one generation per variant)")
+    p.add_argument("--reps", type=int, default=6,
+                   help="reps (each: --iters forwards and --gens generations per variant)")
+    p.add_argument("--gens", type=int, default=4,
+                   help="generations per variant per rep (a generation's time swings more than a forward's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per variant first")
     p.add_argument("--gen-batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=16)
@@ -286,7 +291,7 @@ def main(argv=None) -> int:
     variants = {"memory": None, f"store dram{d}": (0, args.dram, False),
                 f"store dram{d} async-issue": (0, args.dram, True),
                 f"store hbm{h}+dram{d}": (args.hbm, args.dram, False),
-                "store dram100": (0, 1.0, False)}
+                "store dram100": (0, 1.0, False, {"tier_plan": {}})}
     if args.compare_uva:  # the host-gather path side by side with the default (the device reads the slab over UVA)
         variants[f"store dram{d} uva-off"] = (0, args.dram, False, {"uva": False})
     models, stores = {"memory": mem_model}, {}
@@ -321,6 +326,9 @@ def main(argv=None) -> int:
     # overhead is the median over batches of the paired loss 1 - t_memory / t_store.
     fwd = {n: [] for n in models}
     gen = {n: [] for n in models}
+    # process CPU seconds of each run (all threads): the store's added work, which wall time under
+    # load from other processes shows only through its noise
+    cpu = {"forward": {n: [] for n in models}, "generate": {n: [] for n in models}}
     timers = {n: {"forward": [], "generate": []} for n in stores}
     names = list(models)
 
@@ -328,7 +336,9 @@ def main(argv=None) -> int:
         m = models[name]
         if args.drop_caches and name in stores:
             drop_page_cache([prep["store"]])
+        c0 = time.process_time()
         t = fn(m)
+        cpu[phase][name].append(time.process_time() - c0)
         if name in stores:
             timers[name][phase].append(m.serving_timer.summary())
             m.serving_timer.reset()
@@ -342,11 +352,12 @@ def main(argv=None) -> int:
                 name = names[(j + k) % len(names)]
                 fwd[name].append(run("forward", name, lambda m: time_forward(m, batch, dev)))
             k += 1
-        prompts = [windows(5_000 + rep, args.gen_batch, args.prompt)]
-        for j in range(len(names)):
-            name = names[(j + k) % len(names)]
-            gen[name].append(run("generate", name, lambda m: time_generate(m, prompts, args.new_tokens, dev)))
-        k += 1
+        for i in range(args.gens):
+            prompts = [windows(5_000 + rep * args.gens + i, args.gen_batch, args.prompt)]
+            for j in range(len(names)):
+                name = names[(j + k) % len(names)]
+                gen[name].append(run("generate", name, lambda m: time_generate(m, prompts, args.new_tokens, dev)))
+            k += 1
 
     def agg(items):
         keys = ("fetch_s", "wait_s", "issue_s", "hidden_s")
@@ -365,6 +376,8 @@ def main(argv=None) -> int:
         if name in stores:
             r["forward_overhead_pct"] = paired_loss(name, fwd)
             r["generate_overhead_pct"] = paired_loss(name, gen)
+            r["forward_cpu_overhead_pct"] = paired_loss(name, cpu["forward"])
+            r["generate_cpu_overhead_pct"] = paired_loss(name, cpu["generate"])
             r["fetch_forward"] = agg(timers[name]["forward"])
             r["fetch_generate"] = agg(timers[name]["generate"])
             st = stores[name].stats()
@@ -400,16 +413,35 @@ def main(argv=None) -> int:
     out = {"bench": "serving", "device": dev, "device_name": torch.cuda.get_device_name() if dev == "cuda" else
            f"cpu x{torch.get_num_threads()} threads", "backend": args.backend, "dtype": args.dtype,
            "table_mib": round(total / 2**20, 1), "batch": B, "seq": T, "gen_batch": args.gen_batch,
-           "new_tokens": args.new_tokens, "reps": args.reps, "drop_caches": args.drop_caches,
+           "new_tokens": args.new_tokens, "reps": args.reps, "gens": args.reps * args.gens, "drop_caches": args.drop_caches,
            "variants": {n: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                            if k in ("forward_tok_s", "generate_tok_s", "forward_overhead_pct", "generate_overhead_pct")}
+                            if k in ("forward_tok_s", "generate_tok_s", "forward_overhead_pct", "generate_overhead_pct",
+                                     "forward_cpu_overhead_pct", "generate_cpu_overhead_pct")}
                         | ({"hidden_fraction_forward": round(r["fetch_forward"]["hidden_fraction"], 4),
                             "hidden_fraction_generate": round(r["fetch_generate"]["hidden_fraction"], 4)}
                            if "fetch_forward" in r else {}) for n, r in results.items()},
-           "bit_exact": exact, "dram_gather": {n: st.dram_gather for n, st in stores.items()}, "load_avg": [round(x, 2) for x in os.getloadavg()], "goal_forward_overhead_le_3pct": results[main_variant]["forward_overhead_pct"] <= 3.0,
+           "bit_exact": exact, "dram_gather": {n: st.dram_gather for n, st in stores.items()},
+           "load_avg": [round(x, 2) for x in os.getloadavg()], "targets": targets(results, d),
            "seconds": round(time.perf_counter() - t_start, 1)}
     print(json.dumps(out))
     return 0 if all(exact.values()) else 1
+
+
+# issue 15: overhead of serving from the store vs in memory, per variant, forward and generation (percent)
+TARGETS_PCT = {"dram{d}": 10.0, "dram100": 2.0}
+
+
+def targets(results: dict, d: int) -> dict:
+    """Each target of ``TARGETS_PCT`` with the measured overheads and whether both are within it."""
+    out = {}
+    for key, limit in TARGETS_PCT.items():
+        r = results.get("store " + key.format(d=d))
+        if r is None:
+            continue
+        f, g = r["forward_overhead_pct"], r["generate_overhead_pct"]
+        out[key.format(d=d)] = {"limit_pct": limit, "forward_pct": round(f, 2), "generate_pct": round(g, 2),
+                                "pass": bool(f <= limit and g <= limit)}
+    return out
 
 
 def report(args, total, results, exact, prof, dev) -> None:
@@ -417,19 +449,23 @@ def report(args, total, results, exact, prof, dev) -> None:
     p(f"\n## Serving from the store vs in memory ({dev}, {args.backend}, {args.dtype} table {total / 2**20:.0f} MiB)\n")
     p(f"forward: batch {args.batch} x {args.seq} tokens; generation: batch {args.gen_batch}, prompt {args.prompt}, "
       f"{args.new_tokens} new tokens (KV cache); tok/s from the median run; overhead = median over runs of "
-      f"the paired loss 1 - t_memory/t_store ({args.reps * args.iters} forwards, {args.reps} generations per variant, "
+      f"the paired loss 1 - t_memory/t_store (CPU time: the same of process CPU seconds) ({args.reps * args.iters} forwards, {args.reps * args.gens} generations per variant, "
       f"interleaved)"
       f"{'; page cache dropped before every run' if args.drop_caches else ''}\n")
-    p("| variant | forward tok/s | overhead | fetch hidden | generate tok/s | overhead | fetch hidden | bit-exact |")
-    p("|---|---:|---:|---:|---:|---:|---:|---|")
+    p("| variant | forward tok/s | overhead | CPU time | fetch hidden | generate tok/s | overhead | CPU time | "
+      "fetch hidden | bit-exact |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, r in results.items():
         if "fetch_forward" in r:
             p(f"| {name} | {r['forward_tok_s']:,.0f} | {r['forward_overhead_pct']:+.1f}% | "
-              f"{100 * r['fetch_forward']['hidden_fraction']:.0f}% | {r['generate_tok_s']:,.0f} | "
-              f"{r['generate_overhead_pct']:+.1f}% | {100 * r['fetch_generate']['hidden_fraction']:.0f}% | "
-              f"{'yes' if exact[name] else 'NO'} |")
+              f"{r['forward_cpu_overhead_pct']:+.1f}% | {100 * r['fetch_forward']['hidden_fraction']:.0f}% | "
+              f"{r['generate_tok_s']:,.0f} | {r['generate_overhead_pct']:+.1f}% | {r['generate_cpu_overhead_pct']:+.1f}% | "
+              f"{100 * r['fetch_generate']['hidden_fraction']:.0f}% | {'yes' if exact[name] else 'NO'} |")
         else:
-            p(f"| {name} | {r['forward_tok_s']:,.0f} | - | - | {r['generate_tok_s']:,.0f} | - | - | reference |")
+            p(f"| {name} | {r['forward_tok_s']:,.0f} | - | - | - | {r['generate_tok_s']:,.0f} | - | - | - | reference |")
+    for key, t in targets(results, round(args.dram * 100)).items():
+        p(f"\ntarget {key}: overhead <= {t['limit_pct']:g}% forward and generation: {t['forward_pct']:+.1f}% / "
+          f"{t['generate_pct']:+.1f}%: {'pass' if t['pass'] else 'FAIL'}")
     p("\nper-run ms, min / median / max: " + "; ".join(
         f"{n}: fwd {min(r['forward_ms'])} / {statistics.median(r['forward_ms']):.1f} / {max(r['forward_ms'])}, "
         f"gen {min(r['generate_ms'])} / {statistics.median(r['generate_ms']):.1f} / {max(r['generate_ms'])}"
