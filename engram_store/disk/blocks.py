@@ -65,9 +65,6 @@ def read_rows(parallel, t: BlockTable, ranks: np.ndarray) -> tuple[np.ndarray, i
 
 class BlockDisk:
     tables: dict
-    # A read part gets at least this many blocks: a thread more costs a hand-over on busy cores, and
-    # where the reads are queued ahead (the flat file's hints) more threads add no queue depth.
-    MIN_BLOCKS_PER_PART = 1
 
     def __init__(self, root, pool: ThreadPoolExecutor, io_threads: int, verify_reads: bool) -> None:
         self.root = Path(root)

@@ -103,10 +103,6 @@ class FlatFileDisk(BlockDisk):
     """All tables of one flat-file ("mmap" backend) store. ``pool`` runs the parallel reads."""
 
     backend = "mmap"
-    # Hints queue every read of a part in the kernel, so a thread per 256 blocks keeps the disk as busy
-    # as more would (measured on a cold 1,024-id lookup of a 4 GB table, load ~10 on 2 cores: 4 parts
-    # 21-29 ms median, 8 parts 36-38 ms; docs/cold_path.md).
-    MIN_BLOCKS_PER_PART = 256
 
     def __init__(self, root: Path, manifest: dict, infos: dict[str, TableInfo], pool: ThreadPoolExecutor,
                  io_threads: int, verify_reads: bool = True) -> None:
