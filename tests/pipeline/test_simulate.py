@@ -104,9 +104,9 @@ class RefSlotLRU:
     def __init__(self, n_keys: int, capacity: int, recency: float | None = 0.1, admission: bool = True) -> None:
         self.cap = min(capacity, n_keys)
         self.recency = recency
-        # keys are ranks here: the rank prior is 1 / (1 + key / capacity); plain LRU has neither
+        # keys are ranks here: the default rank prior is 4 / (1 + key / capacity); plain LRU has neither
         self.admission = admission and recency is not None
-        self.prior = 1.0 if self.admission else 0.0
+        self.prior = 4.0 if self.admission else 0.0
         self.count: dict[int, int] = {}
         self.slot_of: dict[int, int] = {}
         self.key_of = [-1] * self.cap

@@ -24,7 +24,7 @@ from engram_store.resident.policy import SlotPolicy
 
 
 class RefPolicy:
-    def __init__(self, n_keys: int, cap: int, order, recency: float = 0.1, prior: float = 1.0,
+    def __init__(self, n_keys: int, cap: int, order, recency: float = 0.1, prior: float = 4.0,
                  admission: bool = True) -> None:
         self.cap, self.order, self.recency, self.prior, self.admission = min(cap, n_keys), order, recency, prior, admission
         self.slot_of: dict[int, int] = {}

@@ -48,7 +48,7 @@ class RefHinted:
     def score(self, k: int) -> float:
         if self.recency is None:
             return self.last[k]
-        value = self.acc.get(k, 0) + 1.0 / (1.0 + self.order[k] / max(1, self.cap))  # the default rank prior
+        value = self.acc.get(k, 0) + 4.0 / (1.0 + self.order[k] / max(1, self.cap))  # the default rank prior
         return value / self.clock + self.recency / (self.clock + 1 - self.last[k])
 
     def access(self, keys, held: set) -> list[int]:
