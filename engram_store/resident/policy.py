@@ -40,6 +40,7 @@ from collections import deque
 import numpy as np
 
 from engram_store.errors import InvalidRowIdsError
+from engram_store.resident.scoring import usable_scores
 
 def key_record(slot_dtype) -> np.dtype:
     """Per-key record: ``slot`` (-1: not cached; the owner may store its own markers < -1 in keys it
@@ -313,6 +314,19 @@ class SlotPolicy:
             return last
         return self._value(keys) / np.float64(self.clock) + self.recency / (np.float64(self.clock + 1) - last)
 
+    def _scored_usable(self, also_held: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every unheld cached slot (``also_held`` counts as held), in slot order, with its key's score
+        and minus its rank: the candidates of an eviction. One compiled pass (``resident.scoring``);
+        plain LRU (``recency=None``, scores are ages) keeps the NumPy form."""
+        held = self._held_mask(also_held)
+        if self.recency is None:
+            usable = np.flatnonzero(~held & (self.key_of >= 0))
+            keys = self.key_of[usable]
+            return usable, self._score(keys), -self._rank(keys)
+        order = self.order if self.order is not None else np.empty(0, dtype=np.int64)
+        return usable_scores(self.key_of, held, self.accesses, self.last_use, order, self.order is not None,
+                             self.prior, self.capacity, self.clock, float(self.recency))
+
     def _value(self, keys: np.ndarray) -> np.ndarray:
         """Frequency estimate of ``keys``: accesses seen plus the training-rank prior (class docstring)."""
         v = self.accesses[keys].astype(np.float64)
@@ -330,9 +344,8 @@ class SlotPolicy:
         miss_idx, m_score = miss_idx[order], m_score[order]
         n_free = self._n_free
         extra = miss_idx.size - n_free
-        usable = np.flatnonzero(~self._held_mask(slots[hit]) & (self.key_of >= 0))
-        pool = _first_by(usable, self._score(self.key_of[usable]), (-self._rank(self.key_of[usable]),),
-                         min(usable.size, max(extra, self.evict_batch)))
+        usable, score, neg_rank = self._scored_usable(slots[hit])
+        pool = _first_by(usable, score, (neg_rank,), min(usable.size, max(extra, self.evict_batch)))
         # miss n_free + j displaces pool row j (victims in eviction order) only if it scores higher
         j = np.arange(min(extra, pool.size))
         worth = m_score[n_free + j] > self._score(self.key_of[pool[j]])
@@ -441,16 +454,14 @@ class SlotPolicy:
 
     def _evict(self, n: int, also_held: np.ndarray | None = None) -> np.ndarray:
         """Evict up to ``n`` unheld rows of lowest score; their slots become free. Returns their keys."""
-        usable = np.flatnonzero(~self._held_mask(also_held) & (self.key_of >= 0))
+        usable, score, neg_rank = self._scored_usable(also_held)
         need = min(n, usable.size)
         if need == 0:
             return np.empty(0, dtype=np.int64)
-        keys = self.key_of[usable]
-        score = self._score(keys)
         kth = np.partition(score, need - 1)[need - 1]  # the need-th smallest score
         below = np.flatnonzero(score < kth)
         tied = np.flatnonzero(score == kth)
-        tied = tied[np.argsort(-self._rank(keys[tied]), kind="stable")[: need - below.size]]
+        tied = tied[np.argsort(neg_rank[tied], kind="stable")[: need - below.size]]
         cand = usable[np.concatenate([below, tied])]
         gone = self.key_of[cand]
         self.slot_of[gone] = -1
