@@ -72,14 +72,19 @@ def _ours_variants(trace: Trace, f: float):
     yield simulate(trace, "ours", f, hbm_share=0.0, policy_kwargs={"recency": None})
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_no_policy_exceeds_the_warm_optimum_small(seed):
-    rng = np.random.default_rng(50 + seed)
+def small_zipf_trace(rng: np.random.Generator) -> tuple[int, Trace]:
+    """A random small trace: 40 requests of Zipf-distributed rows over 20-80 shuffled rows, random counts."""
     rows = int(rng.integers(20, 80))
     p = np.arange(1, rows + 1, dtype=float) ** -1.0
     p = p[rng.permutation(rows)] / p.sum()
     reqs = [("t", np.unique(rng.choice(rows, size=int(rng.integers(1, 12)), p=p)).astype(np.int64)) for _ in range(40)]
-    trace = Trace("r", {"t": rows}, reqs, counts={"t": rng.integers(0, 6, size=rows)})
+    return rows, Trace("r", {"t": rows}, reqs, counts={"t": rng.integers(0, 6, size=rows)})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_policy_exceeds_the_warm_optimum_small(seed):
+    rng = np.random.default_rng(50 + seed)
+    rows, trace = small_zipf_trace(rng)
     for cap in sorted({1, 3, rows // 5, rows // 2, rows}):
         opt = simulate(trace, "optimum", {"t": cap}).hits
         for pol in ("belady", "lru", "lfu", "fifo", "static"):
@@ -155,11 +160,7 @@ def test_fill_optimum_pays_for_rows_training_did_not_rank_high():
 @pytest.mark.parametrize("seed", range(3))
 def test_no_policy_from_the_warm_fill_exceeds_the_fill_optimum(seed):
     rng = np.random.default_rng(70 + seed)
-    rows = int(rng.integers(20, 80))
-    p = np.arange(1, rows + 1, dtype=float) ** -1.0
-    p = p[rng.permutation(rows)] / p.sum()
-    reqs = [("t", np.unique(rng.choice(rows, size=int(rng.integers(1, 12)), p=p)).astype(np.int64)) for _ in range(40)]
-    trace = Trace("r", {"t": rows}, reqs, counts={"t": rng.integers(0, 6, size=rows)})
+    rows, trace = small_zipf_trace(rng)
     for cap in sorted({1, 3, rows // 5, rows // 2, rows}):
         fill = simulate(trace, "fill_optimum", {"t": cap}).hits
         for pol in ("belady", "lru", "lfu", "fifo", "static"):

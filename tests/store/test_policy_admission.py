@@ -14,7 +14,6 @@ plain dicts and sorts Python lists.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 import numpy as np
@@ -22,21 +21,15 @@ import pytest
 
 from engram_store.resident.policy import SlotPolicy
 
+from policy_reference import RefRecords
 
-class RefPolicy:
+
+class RefPolicy(RefRecords):
     def __init__(self, n_keys: int, cap: int, order, recency: float = 0.1, prior: float = 4.0,
                  admission: bool = True) -> None:
-        self.cap, self.order, self.recency, self.prior, self.admission = min(cap, n_keys), order, recency, prior, admission
-        self.slot_of: dict[int, int] = {}
-        self.key_of = [-1] * self.cap
-        self.last: dict[int, int] = {}
-        self.acc: dict[int, int] = {}
-        self.clock = self.hits = self.bypassed = 0
-        self.evict_batch = max(1, math.ceil(self.cap / 64))
-
-    def warm(self, keys) -> None:
-        for i, k in enumerate(keys[: self.cap]):
-            self.key_of[i], self.slot_of[int(k)], self.last[int(k)] = int(k), i, -1 - i
+        super().__init__(n_keys, cap, order, recency)
+        self.prior, self.admission = prior, admission
+        self.bypassed = 0
 
     def value(self, k: int) -> float:
         v = float(self.acc.get(k, 0))
@@ -48,17 +41,8 @@ class RefPolicy:
         return self.value(k) / self.clock + self.recency / (self.clock + 1 - self.last[k])
 
     def access(self, keys, held: set) -> list[int]:
-        keys = [int(k) for k in keys]
-        self.clock += 1
-        for k in keys:
-            self.acc[k] = self.acc.get(k, 0) + 1
-        slots = [self.slot_of.get(k, -1) for k in keys]
+        keys, slots, misses = self.stamp(keys)
         hit_slots = {s for s in slots if s >= 0}
-        self.hits += len(hit_slots)
-        for k, s in zip(keys, slots):
-            if s >= 0:
-                self.last[k] = self.clock
-        misses = [i for i, s in enumerate(slots) if s < 0]
         free = [s for s in range(self.cap) if self.key_of[s] < 0]
         if misses and self.cap and len(free) < len(misses):
             usable = [s for s in range(self.cap) if self.key_of[s] >= 0 and s not in held and s not in hit_slots]

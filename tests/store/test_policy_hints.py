@@ -20,23 +20,14 @@ import pytest
 from engram_store.errors import EngramStoreError
 from engram_store.resident.policy import SlotPolicy
 
+from policy_reference import RefRecords
 
-class RefHinted:
+
+class RefHinted(RefRecords):
     def __init__(self, n_keys: int, cap: int, order: np.ndarray, recency: float | None) -> None:
-        self.cap, self.order, self.recency = min(cap, n_keys), order, recency
-        self.slot_of: dict[int, int] = {}
-        self.key_of = [-1] * self.cap
-        self.last: dict[int, int] = {}
-        self.acc: dict[int, int] = {}
-        self.clock = 0
-        self.hits = 0
+        super().__init__(n_keys, cap, order, recency)
         self.batches: list[tuple[int, set]] = []
         self.last_due = 0
-        self.evict_batch = max(1, math.ceil(self.cap / 64))
-
-    def warm(self, keys) -> None:
-        for i, k in enumerate(keys[: self.cap]):
-            self.key_of[i], self.slot_of[int(k)], self.last[int(k)] = int(k), i, -1 - i
 
     def hint(self, keys) -> None:
         self.last_due = max(self.last_due, self.clock) + 1
@@ -52,17 +43,8 @@ class RefHinted:
         return value / self.clock + self.recency / (self.clock + 1 - self.last[k])
 
     def access(self, keys, held: set) -> list[int]:
-        keys = [int(k) for k in keys]
-        self.clock += 1
-        for k in keys:
-            self.acc[k] = self.acc.get(k, 0) + 1
-        slots = [self.slot_of.get(k, -1) for k in keys]
+        keys, slots, misses = self.stamp(keys)
         hit_slots = {s for s in slots if s >= 0}
-        self.hits += len(hit_slots)
-        for k, s in zip(keys, slots):
-            if s >= 0:
-                self.last[k] = self.clock
-        misses = [i for i, s in enumerate(slots) if s < 0]
         if not misses or not self.cap:
             return slots
         misses.sort(key=lambda i: (self.due(keys[i]) or math.inf, self.order[keys[i]]))
