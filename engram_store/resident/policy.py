@@ -28,7 +28,7 @@ Without hints the policy is exactly the plain one.
 Vectorized over a batch (numpy arrays indexed by key and by slot), no per-row Python
 objects. Per key, one 16-byte record ``keys`` (slot, access count, last use), so the store's
 hit path (``hit_path``) touches one cache line per row for all of its bookkeeping. Memory:
-16 bytes per key of the table plus 8 bytes per slot.
+16 bytes per key of the table plus 16 bytes per slot.
 
 Not thread-safe: the store serialises calls behind its own lock.
 """
@@ -118,6 +118,9 @@ class SlotPolicy:
         self.accesses = self.keys["acc"]  # key -> accesses seen by this tier (the frequency score)
         self.last_use = self.keys["last"]  # key -> tick of last access
         self.key_of = np.full(self.capacity, -1, dtype=np.int64)  # slot -> key or -1 (free)
+        # slot -> rank of its key (valid while the slot holds one): the eviction scan reads it in slot
+        # order instead of gathering order[key] at random from a table-sized array
+        self.slot_rank = np.zeros(self.capacity, dtype=np.int64)
         self._held: dict[int, np.ndarray] = {}  # token -> slots an outstanding batch holds
         self._tokens = 0
         # Free slots as a stack (lowest slot on top), so finding one is O(1), not a scan of the tier.
@@ -187,7 +190,7 @@ class SlotPolicy:
                 order = np.argsort(self._rank(keys[miss_idx]), kind="stable")
                 miss_idx = np.sort(miss_idx[order[: victims.size]])
             new_keys = keys[miss_idx]
-            self.key_of[victims] = new_keys
+            self._place(victims, new_keys)
             self.slot_of[new_keys] = victims
             self.last_use[new_keys] = self.clock
             slots[miss_idx] = victims
@@ -282,7 +285,7 @@ class SlotPolicy:
             k = n_free + n_take
             miss_idx, miss_keys, m_due = miss_idx[:k], miss_keys[:k], m_due[:k]
         victims = self._pop_free(k)
-        self.key_of[victims] = miss_keys
+        self._place(victims, miss_keys)
         self.slot_of[miss_keys] = victims
         self.last_use[miss_keys] = now
         look.slot_due[victims] = m_due
@@ -323,8 +326,7 @@ class SlotPolicy:
             usable = np.flatnonzero(~held & (self.key_of >= 0))
             keys = self.key_of[usable]
             return usable, self._score(keys), -self._rank(keys)
-        order = self.order if self.order is not None else np.empty(0, dtype=np.int64)
-        return usable_scores(self.key_of, held, self.accesses, self.last_use, order, self.order is not None,
+        return usable_scores(self.key_of, held, self.accesses, self.last_use, self.slot_rank,
                              self.prior, self.capacity, self.clock, float(self.recency))
 
     def _value(self, keys: np.ndarray) -> np.ndarray:
@@ -364,7 +366,7 @@ class SlotPolicy:
         miss_idx = np.sort(miss_idx[: n_free + n_take])
         victims = self._pop_free(miss_idx.size)
         new_keys = keys[miss_idx]
-        self.key_of[victims] = new_keys
+        self._place(victims, new_keys)
         self.slot_of[new_keys] = victims
         self.last_use[new_keys] = self.clock
         slots[miss_idx] = victims
@@ -390,6 +392,11 @@ class SlotPolicy:
         for s in arrays:
             yield s[s >= 0] if s.size and s.min() < 0 else s
 
+    def _place(self, slots: np.ndarray, keys: np.ndarray) -> None:
+        """``keys`` now live in ``slots`` (the caller sets ``slot_of`` and ages)."""
+        self.key_of[slots] = keys
+        self.slot_rank[slots] = self._rank(keys)
+
     def _rank(self, keys: np.ndarray) -> np.ndarray:
         return keys if self.order is None else self.order[keys]
 
@@ -402,7 +409,7 @@ class SlotPolicy:
         keys = np.asarray(keys, dtype=np.int64)
         free = self._pop_free(keys.size)
         taken = keys[: free.size]
-        self.key_of[free] = taken
+        self._place(free, taken)
         self.slot_of[taken] = free
         # Warm rows start older than anything touched later, the hottest (first) newest; calls
         # continue each other's ages, so warming in chunks equals one call with all the keys.

@@ -2,10 +2,11 @@
 
 Why compiled: choosing victims scores every cached slot of the tier (``SlotPolicy._score``).
 As NumPy passes that was a held mask, a nonzero scan, three gathers from the per-key records
-and the rank order, and five float temporaries: about 190 ns a slot, 12 ms per eviction for a
-65 K-slot tier, which a forward pass with misses paid once per Engram layer (measured with
+and the rank order, and five float temporaries: about 40 ns a slot, 12 ms per eviction for a
+290 K-slot tier, which a forward pass with misses paid once per Engram layer (measured with
 ``bench/bench_serving.py`` under cProfile: most of the store's share of a forward at DRAM 25%).
-One loop reads each slot's record once.
+One loop reads each slot's record once, and the rank from a slot-ordered copy (``slot_rank``)
+rather than from the table-sized rank order.
 
 The arithmetic is the policy's, operation for operation in float64 (no fast-math), so the scores
 are bit-identical to ``SlotPolicy._score`` and every victim choice stays the same: simulated and
@@ -19,11 +20,11 @@ from numba import njit
 
 
 @njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or nan, as NumPy does
-def usable_scores(key_of, held, acc, last, order, use_order, prior, capacity, clock, recency):
+def usable_scores(key_of, held, acc, last, slot_rank, prior, capacity, clock, recency):
     """``(slots, score, neg_rank)`` of every slot that holds a key and is not ``held``, in slot order.
 
     ``score = (acc[k] + prior / (1 + rank / max(1, capacity))) / clock + recency / (clock + 1 - last[k])``
-    for the slot's key ``k`` and its rank (``order[k]``, or ``k`` when not ``use_order``).
+    for the slot's key ``k`` and its rank ``slot_rank[slot]`` (kept by the policy as keys are placed).
     """
     n = key_of.size
     slots = np.empty(n, np.int64)
@@ -37,7 +38,7 @@ def usable_scores(key_of, held, acc, last, order, use_order, prior, capacity, cl
         k = key_of[s]
         if k < 0 or held[s]:
             continue
-        r = np.int64(order[k]) if use_order else np.int64(k)
+        r = slot_rank[s]
         v = np.float64(acc[k])
         if prior != 0.0:
             v += prior / (1.0 + np.float64(r) / cap)
