@@ -233,23 +233,18 @@ def bench_trace(trace: Trace, fractions, policies, shares, window, peers=(), pee
            "peer_start": peer_start}
     if sweep:
         out["lookahead_sweep"] = {"capacity": lookahead_at, "hit_rate": sweep}
-    if "optimum" in policies:
-        opt = hits["optimum"]
-        beaten = [(p, fractions[i]) for p, hs in hits.items() for i, h in enumerate(hs) if h > opt[i]]
+    # the free-fill optimum bounds every policy; the MIN from the warm fill every policy but the
+    # free-fill optimum (each starts from a subset of the warm fill; cold: none)
+    for bound, what, exempt in (("optimum", "the warm optimum", ()), ("fill_optimum", "the MIN from the warm fill", ("optimum",))):
+        if bound not in policies:
+            continue
+        top = hits[bound]
+        beaten = [(p, fractions[i]) for p, hs in hits.items() if p not in exempt for i, h in enumerate(hs) if h > top[i]]
         if beaten:
-            raise AssertionError(f"{trace.name}: policies beat the warm optimum (a bug): {beaten}")
+            raise AssertionError(f"{trace.name}: policies beat {what} (a bug): {beaten}")
         for p in ("ours", la_name):
             if p in rates:
-                out[f"{p}_over_optimum"] = [o / b if b else None for o, b in zip(rates[p], rates["optimum"])]
-    if "fill_optimum" in policies:
-        # every policy but the free-fill optimum starts from a subset of the warm fill (cold: none)
-        fill = hits["fill_optimum"]
-        beaten = [(p, fractions[i]) for p, hs in hits.items() if p != "optimum" for i, h in enumerate(hs) if h > fill[i]]
-        if beaten:
-            raise AssertionError(f"{trace.name}: policies beat the MIN from the warm fill (a bug): {beaten}")
-        for p in ("ours", la_name):
-            if p in rates:
-                out[f"{p}_over_fill_optimum"] = [o / b if b else None for o, b in zip(rates[p], rates["fill_optimum"])]
+                out[f"{p}_over_{bound}"] = [o / b if b else None for o, b in zip(rates[p], rates[bound])]
     if "ours" in policies:
         out["ours_hbm_share"] = chosen
         out["ours_tiers"] = tiers

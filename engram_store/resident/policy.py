@@ -191,7 +191,6 @@ class SlotPolicy:
                 miss_idx = np.sort(miss_idx[order[: victims.size]])
             new_keys = keys[miss_idx]
             self._place(victims, new_keys)
-            self.slot_of[new_keys] = victims
             self.last_use[new_keys] = self.clock
             slots[miss_idx] = victims
         self.bypassed += int(np.count_nonzero(slots < 0))
@@ -286,7 +285,6 @@ class SlotPolicy:
             miss_idx, miss_keys, m_due = miss_idx[:k], miss_keys[:k], m_due[:k]
         victims = self._pop_free(k)
         self._place(victims, miss_keys)
-        self.slot_of[miss_keys] = victims
         self.last_use[miss_keys] = now
         look.slot_due[victims] = m_due
         slots[miss_idx] = victims
@@ -367,7 +365,6 @@ class SlotPolicy:
         victims = self._pop_free(miss_idx.size)
         new_keys = keys[miss_idx]
         self._place(victims, new_keys)
-        self.slot_of[new_keys] = victims
         self.last_use[new_keys] = self.clock
         slots[miss_idx] = victims
         return evicted
@@ -393,8 +390,9 @@ class SlotPolicy:
             yield s[s >= 0] if s.size and s.min() < 0 else s
 
     def _place(self, slots: np.ndarray, keys: np.ndarray) -> None:
-        """``keys`` now live in ``slots`` (the caller sets ``slot_of`` and ages)."""
+        """``keys`` now live in ``slots`` (the caller sets their ages)."""
         self.key_of[slots] = keys
+        self.slot_of[keys] = slots
         self.slot_rank[slots] = self._rank(keys)
 
     def _rank(self, keys: np.ndarray) -> np.ndarray:
@@ -410,7 +408,6 @@ class SlotPolicy:
         free = self._pop_free(keys.size)
         taken = keys[: free.size]
         self._place(free, taken)
-        self.slot_of[taken] = free
         # Warm rows start older than anything touched later, the hottest (first) newest; calls
         # continue each other's ages, so warming in chunks equals one call with all the keys.
         self.last_use[taken] = -1 - self.warmed - np.arange(free.size, dtype=np.int64)
