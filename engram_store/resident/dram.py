@@ -101,11 +101,14 @@ class DramTier:
         slots = self.policy.warm(keys)
         ok = slots >= 0
         if ok.any():
-            self.slab[torch.from_numpy(slots[ok])] = torch.from_numpy(np.ascontiguousarray(rows[ok]))
+            self.fill(slots[ok], rows[ok])
 
     def fill(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        # NumPy's scatter of whole-row items, one thread: torch's index_put runs on its OpenMP
+        # threads, which then spin-wait and take the core the model's matmuls need (on 2 cores a
+        # forward's fills cost ~17 ms of the other core's time that way)
         if slots.size:
-            self.slab[torch.from_numpy(slots)] = torch.from_numpy(np.ascontiguousarray(rows))
+            self.slab_rows[slots] = rows_view(np.ascontiguousarray(rows))
 
     def refresh(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Overwrite the cached copies of ids ``keys`` (those that are cached) with ``rows``."""
