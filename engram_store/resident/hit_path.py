@@ -71,8 +71,8 @@ def _prefetch_intrinsic(write: int):
 
 
 # Hints that ``arr[idx]`` will soon be written / read (LLVM's prefetch; no effect on results).
-_prefetch_for_write = _prefetch_intrinsic(1)
-_prefetch_for_read = _prefetch_intrinsic(0)
+prefetch_for_write = _prefetch_intrinsic(1)
+prefetch_for_read = _prefetch_intrinsic(0)
 
 
 def row_word(row_bytes: int) -> np.dtype:
@@ -87,9 +87,9 @@ def row_word(row_bytes: int) -> np.dtype:
 def _prefetch_row(rows, r, words, step):
     base = r * words
     for q in range(0, words, step):
-        _prefetch_for_read(rows, base + q)
+        prefetch_for_read(rows, base + q)
     if words % step:  # rows that are not whole lines can straddle one more
-        _prefetch_for_read(rows, base + words - 1)
+        prefetch_for_read(rows, base + words - 1)
 
 
 @njit(nogil=True, cache=True)
@@ -125,7 +125,7 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
     step = max(1, _LINE_BYTES // slab.itemsize)
     for i in range(n):
         if i + RECORD_AHEAD < n:
-            _prefetch_for_write(keys, ids[i + RECORD_AHEAD])
+            prefetch_for_write(keys, ids[i + RECORD_AHEAD])
         if i + ROW_AHEAD < n:
             # written out, not a helper taking the slot: as a call it made the pass 1.8x slower
             s_ahead = keys[ids[i + ROW_AHEAD]].slot
@@ -200,7 +200,7 @@ def _locate_copy(ids, lo, hi, keys, ready, check_ready, src, slab, hbm, out, wor
     n_hpos = 0
     for i in range(lo, hi):
         if i + RECORD_AHEAD < hi:
-            _prefetch_for_read(keys, ids[i + RECORD_AHEAD])
+            prefetch_for_read(keys, ids[i + RECORD_AHEAD])
         if i + ROW_AHEAD < hi:  # written out as in serve, for the same reason
             s_ahead = keys[ids[i + ROW_AHEAD]].slot
             if s_ahead >= 0 and copy_dram:

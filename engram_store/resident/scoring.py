@@ -18,6 +18,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from engram_store.resident.hit_path import prefetch_for_read
+
+# Slots ahead whose key record the scan asks the CPU for: the records (16 bytes per key of the
+# table) are read in slot order, i.e. at random, and a plain loop waits on each one.
+RECORD_AHEAD = 32
+
 
 @njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or nan, as NumPy does
 def usable_scores(key_of, held, acc, last, slot_rank, prior, capacity, clock, recency):
@@ -35,6 +41,10 @@ def usable_scores(key_of, held, acc, last, slot_rank, prior, capacity, clock, re
     c1 = np.float64(clock + 1)
     m = 0
     for s in range(n):
+        if s + RECORD_AHEAD < n:
+            ka = key_of[s + RECORD_AHEAD]
+            if ka >= 0:
+                prefetch_for_read(acc, ka)
         k = key_of[s]
         if k < 0 or held[s]:
             continue
