@@ -1,13 +1,16 @@
-"""engram_store.disk.runs: merged, hinted block reads against a plain loop over a real file."""
+"""engram_store.disk.runs: merged, hinted block reads and warm copies from the map, against a plain
+loop over a real file."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import zlib
 
 import numpy as np
 import pytest
 
+from engram_store.disk import runs
 from engram_store.disk.runs import MAX_RUN_BLOCKS, MERGE_GAP_BLOCKS, read_runs, run_starts
 
 
@@ -86,4 +89,80 @@ def test_read_runs_reports_a_short_read(tmp_path):
         short = read_runs(fd, blocks, buf, 0, 4, stride, 40, br * rb)
         assert short == [(20, 100, br * rb)]  # the block the cut went through, with the bytes it kept
     finally:
+        os.close(fd)
+
+
+def _warm_map(path):
+    """The file read once (so its pages are cached) and a read-only map of it, with its address."""
+    path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    m = mmap.mmap(fd, os.fstat(fd).st_size, prot=mmap.PROT_READ)
+    view = np.frombuffer(m, np.uint8)
+    addr = view.ctypes.data
+    del view
+    return fd, m, addr
+
+
+@pytest.mark.parametrize("rb,br,stride", [(264, 15, 4096), (128, 32, 4096), (100, 40, 4000), (6000, 1, 6000)])
+def test_a_warm_batch_is_copied_from_the_map(tmp_path, monkeypatch, rb, br, stride):
+    rng = np.random.default_rng(rb + 1)
+    n_rows = 29 * br + br // 3 + 1  # a short last block
+    rows = rng.integers(0, 256, (n_rows, rb), dtype=np.uint8)
+    path = tmp_path / "t.rows"
+    write_layout(path, rows, br, stride)
+    n_blocks = -(-n_rows // br)
+    last_len = (n_rows - (n_blocks - 1) * br) * rb
+    fd, m, addr = _warm_map(path)
+
+    def no_pread(*a):
+        raise AssertionError("a warm batch was read with pread, not copied from the map")
+
+    monkeypatch.setattr(runs, "_read", no_pread)
+    try:
+        for trial in range(20):
+            blocks = np.unique(rng.integers(0, n_blocks, rng.integers(1, 2 * n_blocks)))
+            buf = np.zeros((blocks.size, br * rb), np.uint8)
+            crcs = np.zeros(blocks.size, np.uint32)
+            cut = blocks.size // 2
+            for lo, hi in ((0, cut), (cut, blocks.size)):
+                assert read_runs(fd, blocks, buf, lo, hi, stride, n_blocks, last_len, crcs, addr) == []
+            for i, b in enumerate(blocks.tolist()):
+                want = rows[b * br: (b + 1) * br].reshape(-1)
+                assert np.array_equal(buf[i, :want.size], want), (trial, b)
+                assert crcs[i] == zlib.crc32(want.tobytes()), (trial, b)
+    finally:
+        m.close()
+        os.close(fd)
+
+
+def test_a_batch_with_an_evicted_page_is_read_with_pread(tmp_path, monkeypatch):
+    rb, br, stride = 128, 32, 4096
+    n_blocks = 64
+    rows = np.random.default_rng(5).integers(0, 256, (n_blocks * br, rb), dtype=np.uint8)
+    path = tmp_path / "t.rows"
+    write_layout(path, rows, br, stride)
+    fd, m, addr = _warm_map(path)
+    try:
+        os.fsync(fd)  # clean pages can be dropped
+        blocks = np.arange(0, n_blocks, 3)
+        lens = np.full(blocks.size, br * rb, np.int64)
+        assert runs._resident(np.int64(addr), blocks, lens, stride, blocks.size)
+        os.posix_fadvise(fd, int(blocks[5]) * stride, stride, os.POSIX_FADV_DONTNEED)
+        if runs._resident(np.int64(addr), blocks, lens, stride, blocks.size):
+            pytest.skip("this file system keeps the page cached after POSIX_FADV_DONTNEED")
+        called = []
+        real = runs._read
+
+        def spy(*a):
+            called.append(True)
+            return real(*a)
+
+        monkeypatch.setattr(runs, "_read", spy)
+        buf = np.zeros((blocks.size, br * rb), np.uint8)
+        assert read_runs(fd, blocks, buf, 0, blocks.size, stride, n_blocks, br * rb, None, addr) == []
+        assert called, "a batch with a page out of the cache was copied from the map (one fault per page)"
+        for i, b in enumerate(blocks.tolist()):
+            assert np.array_equal(buf[i], rows[b * br: (b + 1) * br].reshape(-1))
+    finally:
+        m.close()
         os.close(fd)
