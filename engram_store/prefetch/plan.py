@@ -1,8 +1,10 @@
 """What one prefetch decided under the store lock: a :class:`HitPlan` or a :class:`MissPlan`.
 
-``make_plan`` first tries the compiled all-resident pass (every row an HBM row or ready in the
-DRAM tier: the rows are copied into the host buffer there and then, and the plan only says
-which device gathers are left). Otherwise it dedupes the ids, splits them by tier
+``make_plan`` first runs the compiled pass over the ids: when every row is an HBM row or ready in
+the DRAM tier, the rows are copied into the host buffer there and then, and the plan only says
+which device gathers are left (:class:`HitPlan`); when the host gathers every tier's rows, the
+pass also copies the resident rows of a batch with misses and leaves only the missing ids
+(:class:`PartialPlan`: the policy admits them, a job reads them). Otherwise it dedupes the ids, splits them by tier
 (``rank < H``: HBM; a DRAM hit; a miss, admitted to a slot or served uncached) and records
 the disk read a job must do. Either plan holds its DRAM slots until released, so no later
 prefetch can evict rows it still needs.
@@ -77,6 +79,27 @@ class MissPlan:
             loads.pop(self.load_id)
 
 
+class PartialPlan(MissPlan):
+    """A :class:`MissPlan` whose resident rows the compiled pass has already copied into ``out``:
+    what is left is the disk rows of the positions ``missing`` (``inverse``: their index in
+    ``miss_ranks``). Nothing to wait for: the pass declines a batch that names a slot still
+    being filled."""
+
+    __slots__ = ("_parts",)
+    host_done = True
+
+    def __init__(self, t: ResidentTable, shape, out: torch.Tensor, decode: bool, missing: np.ndarray,
+                 inverse: np.ndarray, miss_ranks: np.ndarray, fill_slots: np.ndarray, fill_idx: np.ndarray,
+                 load_id: int, load: Load | None, hold: int) -> None:
+        super().__init__(t, shape, out, decode, inverse, None, None, None, [DISK], miss_ranks, fill_slots, fill_idx,
+                         [], load_id, load, hold)
+        self._parts = [(DISK, missing, inverse)]
+
+    @property
+    def parts(self) -> list:
+        return self._parts
+
+
 def make_plan(t: ResidentTable, ids: np.ndarray, shape, loads: Loads, pinned: bool,
               decode: bool) -> HitPlan | MissPlan:
     """Plan the prefetch of flat ``ids`` (store lock held); records the per-tier stats. ``decode``: the
@@ -90,11 +113,13 @@ def make_plan(t: ResidentTable, ids: np.ndarray, shape, loads: Loads, pinned: bo
 
 
 def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool,
-              loads: Loads) -> HitPlan | None:
-    served = t.serve_hits(ids, out.numpy().view(t.word).reshape(-1), bool(loads))
+              loads: Loads) -> HitPlan | MissPlan | None:
+    served = t.serve_hits(ids, out.numpy().view(t.word).reshape(-1), bool(loads), go_on=True)
     if served is None:
         return None
-    src, n_hpos, n_h, n_d = served
+    src, n_hpos, n_h, n_d, missing = served
+    if missing.size:
+        return _partial_plan(t, ids, shape, out, decode, loads, src, n_hpos, n_h, n_d, missing)
     n, rb = ids.size, t.row_bytes
     on_host = not t.hbm_on_device or not n_hpos  # HBM rows copied too (or none)
     if n_hpos == n:
@@ -116,6 +141,29 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decod
         t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, hbm_accesses=n_hpos,
                     dram_bytes=n_d * rb, dram_accesses=n - n_hpos)
     return HitPlan(t, shape, out, decode, parts, host_done, hold)
+
+
+def _partial_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool, loads: Loads,
+                  src: np.ndarray, n_hpos: int, n_h: int, n_d: int, missing: np.ndarray) -> MissPlan:
+    """The compiled pass copied every resident row into ``out`` and left the positions ``missing``:
+    the policy admits their distinct ids, and the plan reads those from disk and fills the rest."""
+    # in order of last occurrence, as the general path's dedupe orders them: the same ids then land
+    # in the same slots whichever path a batch takes
+    miss_ids, inverse = t.dedupe(ids[missing])
+    hit_slots = src[src >= 0]  # this batch's DRAM hits (repeats and all): held with the admitted misses
+    slots = t.access_misses(miss_ids, hit_slots, n_d)
+    hold = t.hold(np.concatenate([hit_slots, slots]))  # entries < 0 (misses not cached) are ignored
+    fill_idx = np.flatnonzero(slots >= 0)
+    fill_slots = slots[fill_idx]
+    load_id, load = 0, None
+    if fill_idx.size:
+        load_id, load = loads.new()
+        t.mark_loading(fill_slots, load_id)
+    rb, n = t.row_bytes, ids.size
+    t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, dram_bytes=n_d * rb, hbm_accesses=n_hpos,
+                dram_accesses=n - n_hpos - missing.size, disk_accesses=missing.size)
+    return PartialPlan(t, shape, out, decode, missing, inverse, t.remap[miss_ids].astype(np.int64),
+                       fill_slots, fill_idx, load_id, load, hold)
 
 
 def _miss_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool, loads: Loads) -> MissPlan:

@@ -104,21 +104,28 @@ def _copy_row(rows, r, out, i, words):
 
 
 @njit(nogil=True, cache=True)
-def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, slab, hbm, out, words):
+def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, slab, hbm, out, words, miss_pos):
     """Copy every id's row into ``out`` and fill ``src[i]`` (slot >= 0, or ``-2 - rank`` for an HBM row).
+
+    ``miss_pos`` (empty: decline at the first id that is not resident): scratch of ``ids.size``
+    that makes the pass go on past ids that are not resident, recording their positions there in
+    order (``src`` -1) without touching their records: the fourth value returned counts them.
+    The caller then hands those ids to the policy's :meth:`SlotPolicy.access_misses`.
 
     ``slab`` (the DRAM slots, or empty when the device gathers them from the slab: those rows are
     then left for the caller too), ``hbm`` (the HBM tier's rows in host memory, or empty when they
     live on a GPU: those rows are then left for the caller) and ``out`` (``ids.size`` rows) are
     flat arrays of one word type, ``words`` per row. Stamps each distinct id (the policy's
-    state change). Returns ``(n_hbm_positions, n_hbm_distinct, n_dram_distinct)``, or
-    ``(DECLINE, 0, 0)`` with every record as it was when some id is not resident (or, with
-    ``check_ready``, its slot is still being filled). ``seen`` / ``old`` are scratch of
+    state change). Returns ``(n_hbm_positions, n_hbm_distinct, n_dram_distinct, n_missing_positions)``,
+    or ``(DECLINE, 0, 0, 0)`` with every record as it was when some id is not resident (and no
+    ``miss_pos``) or, with ``check_ready``, its slot is still being filled. ``seen`` / ``old`` are scratch of
     ``ids.size``: the distinct ids and their previous ``last``, for the undo.
     """
     n_seen = 0
     n_hpos = 0
     n_hd = 0
+    n_miss = 0
+    go_on = miss_pos.size > 0
     n = ids.size
     copy_hbm = hbm.size > 0
     copy_dram = slab.size > 0
@@ -138,7 +145,7 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
         if s >= 0:
             if check_ready and ready[s] != 0:
                 _undo(keys, seen, old, n_seen)
-                return DECLINE, 0, 0
+                return DECLINE, 0, 0, 0
             stamp = dram_stamp
             if copy_dram:
                 _copy_row(slab, s, out, i, words)
@@ -147,9 +154,14 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
             n_hpos += 1
             if copy_hbm:
                 _copy_row(hbm, -2 - s, out, i, words)
+        elif go_on:
+            src[i] = -1
+            miss_pos[n_miss] = i
+            n_miss += 1
+            continue
         else:
             _undo(keys, seen, old, n_seen)
-            return DECLINE, 0, 0
+            return DECLINE, 0, 0, 0
         src[i] = s
         last = keys[k].last
         if last != stamp:  # first time in this batch
@@ -161,7 +173,7 @@ def serve(ids, keys, dram_stamp, hbm_stamp, ready, check_ready, src, seen, old, 
                 keys[k].acc += 1
             else:
                 n_hd += 1
-    return n_hpos, n_hd, n_seen - n_hd
+    return n_hpos, n_hd, n_seen - n_hd, n_miss
 
 
 @njit(nogil=True, cache=True)

@@ -170,21 +170,44 @@ class SlotPolicy:
             self.last_use[keys] = self.clock
             return slots, hit, np.empty(0, dtype=np.int64)
         self.last_use[keys[hit]] = self.clock
+        return slots, hit, self._admit(keys, slots, np.flatnonzero(~hit), slots[hit])
 
-        miss_idx = np.flatnonzero(~hit)
+    def access_misses(self, keys: np.ndarray, hit_slots: np.ndarray, n_hits: int) -> np.ndarray:
+        """The miss half of :meth:`access`, for a caller that made the hit half itself.
+
+        ``keys``: the distinct keys of an access that are not cached; its ``n_hits`` distinct
+        cached keys, at ``hit_slots`` (repeats allowed), the caller has already recorded as
+        :meth:`access` would (one more access each, last use ``clock + 1``: the compiled hit
+        pass, ``hit_path.serve``). Ticks the clock and admits the misses, so the state after
+        both halves is the state after ``access`` of all the keys. Returns their slots (-1: not
+        cached); the caller fills and holds them as after ``access``.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        self.clock += 1
+        if self.recency is not None:
+            _increment(self.accesses, keys)
+        self.hits += int(n_hits)
+        self.misses += int(keys.size)
+        slots = np.full(keys.size, -1, dtype=np.int64)
+        self._admit(keys, slots, np.arange(keys.size), hit_slots)
+        return slots
+
+    def _admit(self, keys: np.ndarray, slots: np.ndarray, miss_idx: np.ndarray, hit_slots: np.ndarray) -> np.ndarray:
+        """Cache what can be of the misses ``keys[miss_idx]`` (filling their ``slots``) without evicting
+        ``hit_slots``, this call's own hits; returns the evicted keys."""
         if self.admit_below is not None:
             miss_idx = miss_idx[self._rank(keys[miss_idx]) < self.admit_below]
         evicted = np.empty(0, dtype=np.int64)
         if self._look is not None:
             if miss_idx.size and self.capacity:
-                evicted = self._admit_hinted(keys, slots, miss_idx, hit)
+                evicted = self._admit_hinted(keys, slots, miss_idx, hit_slots)
             self.bypassed += int(np.count_nonzero(slots < 0))
-            return slots, hit, evicted
+            return evicted
         if miss_idx.size and self.capacity and self.admission and self._n_free < miss_idx.size:
-            evicted = self._admit_by_score(keys, slots, miss_idx, hit)
+            evicted = self._admit_by_score(keys, slots, miss_idx, hit_slots)
         elif miss_idx.size and self.capacity:
             # this call's hits are held at least for the call, so its own misses never evict them
-            victims, evicted = self._victims(int(miss_idx.size), slots[hit])
+            victims, evicted = self._victims(int(miss_idx.size), hit_slots)
             if victims.size < miss_idx.size:
                 # Not enough unheld slots: cache the hottest misses (lowest rank).
                 order = np.argsort(self._rank(keys[miss_idx]), kind="stable")
@@ -194,7 +217,7 @@ class SlotPolicy:
             self.last_use[new_keys] = self.clock
             slots[miss_idx] = victims
         self.bypassed += int(np.count_nonzero(slots < 0))
-        return slots, hit, evicted
+        return evicted
 
     def hold(self, slots: np.ndarray) -> int:
         """Protect ``slots`` (entries < 0 ignored; repeats allowed) from eviction until :meth:`release`
@@ -244,7 +267,8 @@ class SlotPolicy:
         self._look.retire(self.clock, self)
         return len(self._look.batches)
 
-    def _admit_hinted(self, keys: np.ndarray, slots: np.ndarray, miss_idx: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    def _admit_hinted(self, keys: np.ndarray, slots: np.ndarray, miss_idx: np.ndarray,
+                      hit_slots: np.ndarray) -> np.ndarray:
         """Admission and eviction inside an announced window (see the module docstring); fills
         ``slots[miss_idx]`` for the admitted misses and returns the evicted keys."""
         look = self._look
@@ -262,7 +286,7 @@ class SlotPolicy:
         if n_free < k:
             # the unheld cached rows in order of value: unannounced by score (lowest first; ties:
             # coldest rank first), then announced ones, needed latest first
-            usable = np.flatnonzero(~self._held_mask(slots[hit]) & (self.key_of >= 0))
+            usable = np.flatnonzero(~self._held_mask(hit_slots) & (self.key_of >= 0))
             extra = miss_idx.size - n_free
             usable, u_due, u_need, n_free_rows = self._pool(usable, min(usable.size, extra + self.evict_batch), now)
             # miss j (beyond the free slots) displaces pool row j - n_free if it is worth more: an
@@ -334,7 +358,8 @@ class SlotPolicy:
             v += self.prior / (1.0 + self._rank(keys) / max(1, self.capacity))
         return v
 
-    def _admit_by_score(self, keys: np.ndarray, slots: np.ndarray, miss_idx: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    def _admit_by_score(self, keys: np.ndarray, slots: np.ndarray, miss_idx: np.ndarray,
+                        hit_slots: np.ndarray) -> np.ndarray:
         """Admission when the misses outnumber the free slots (class docstring): fills ``slots`` of
         the admitted misses and returns the evicted keys."""
         miss_keys = keys[miss_idx]
@@ -344,7 +369,7 @@ class SlotPolicy:
         miss_idx, m_score = miss_idx[order], m_score[order]
         n_free = self._n_free
         extra = miss_idx.size - n_free
-        usable, score, neg_rank = self._scored_usable(slots[hit])
+        usable, score, neg_rank = self._scored_usable(hit_slots)
         pool = _first_by(usable, score, (neg_rank,), min(usable.size, max(extra, self.evict_batch)))
         # miss n_free + j displaces pool row j (victims in eviction order) only if it scores higher
         j = np.arange(min(extra, pool.size))

@@ -1,9 +1,11 @@
 """One table's resident set: its HBM rows, its DRAM slab, and the per-id records saying where each id lives.
 
 Every row id has one 16-byte policy record (``SlotPolicy.keys``: slot, access count, last use);
-HBM-tier ids carry ``slot = -2 - rank`` (see ``DramTier``). So an all-resident batch is one
-compiled pass over those records (:meth:`ResidentTable.serve_hits`), and a batch with misses
-goes through the policy's vectorised :meth:`access`. Prefetch plans (``engram_store.prefetch``)
+HBM-tier ids carry ``slot = -2 - rank`` (see ``DramTier``). So a batch is one compiled pass over
+those records (:meth:`ResidentTable.serve_hits`), which copies the resident rows and leaves the
+distinct missing ids to the policy (:meth:`ResidentTable.access_misses`); where the pass cannot
+finish a batch (a slot still being filled, rows the device gathers) it goes through the policy's
+vectorised :meth:`access`. Prefetch plans (``engram_store.prefetch``)
 talk to a table only through the methods here.
 
 Thread-safety: every method under the store lock, except what a load does to the slots it
@@ -63,22 +65,31 @@ class ResidentTable:
         self._scratch = np.zeros(info.rows, dtype=np.int32 if info.rows < 2**31 else np.int64)
         self._pos = np.arange(0, dtype=self._scratch.dtype)
         self._hbm_stamp = 0  # per-call stamp of the hit path's distinct-HBM-row count
-        self._undo_log = (_EMPTY, _EMPTY)
+        self._undo_log = (_EMPTY, _EMPTY, _EMPTY)
 
     @property
     def hbm_on_device(self) -> bool:
         """True when the HBM rows live on a GPU: the hit pass leaves them to a device gather."""
         return self.hbm.host_rows is None
 
-    # -- the all-resident batch ---------------------------------------------------------------
-    def serve_hits(self, ids: np.ndarray, out: np.ndarray, loads_pending: bool):
-        """Serve ``ids`` if every row is resident: ``(src, n_hbm_positions, n_hbm_rows, n_dram_rows)``, else None.
+    # -- the compiled pass over a batch ------------------------------------------------------
+    @property
+    def host_gathers(self) -> bool:
+        """True when the hit pass copies every resident row (none is left to a device gather)."""
+        return not self.hbm_on_device and not self.dram.device_gathered
+
+    def serve_hits(self, ids: np.ndarray, out: np.ndarray, loads_pending: bool, go_on: bool = False):
+        """Serve ``ids``' resident rows: ``(src, n_hbm_positions, n_hbm_rows, n_dram_rows, missing)``, or None.
 
         ``src[i]`` is position i's DRAM slot, or ``-2 - rank`` for an HBM row; host rows are copied
         into ``out`` (``[n * words]`` of ``self.word``). The policy's state changes as
         ``SlotPolicy.access`` of the distinct DRAM ids would (so eviction and hit counts are
-        unchanged). Declines (and changes nothing) on any miss, on a slot still being filled
-        when ``loads_pending``, and on an empty batch.
+        unchanged). Declines (and changes nothing) on a slot still being filled when
+        ``loads_pending``, on an empty batch, and on any row not resident -- unless ``go_on`` and
+        the pass copies every resident row (:attr:`host_gathers`, one thread): then ``missing``
+        holds the positions of the rows not resident (``src`` -1 there), whose distinct ids the
+        caller must hand to :meth:`access_misses` before anything else touches the policy. Else
+        ``missing`` is empty.
         """
         n = ids.size
         if n == 0:
@@ -87,28 +98,38 @@ class ResidentTable:
         src = np.empty(n, np.int64)
         self._hbm_stamp += 1
         parts = min(self._threads, n // _MIN_IDS_PER_HIT_THREAD)
+        n_miss = 0
         if parts > 1:
             n_hpos, n_h, n_d = serve_parallel(ids, policy.keys, policy.clock + 1, self._hbm_stamp, self.dram.ready,
                                               loads_pending, src, self.dram.hit_words, self.hbm.host_words, out,
                                               self.words, parts)
         else:
-            seen, old = self._undo_buffers(n)
-            n_hpos, n_h, n_d = serve(ids, policy.keys, policy.clock + 1, self._hbm_stamp, self.dram.ready,
-                                     loads_pending, src, seen, old, self.dram.hit_words, self.hbm.host_words, out,
-                                     self.words)
+            seen, old, missing = self._scratch_buffers(n)
+            if not (go_on and self.host_gathers):
+                missing = missing[:0]
+            n_hpos, n_h, n_d, n_miss = serve(ids, policy.keys, policy.clock + 1, self._hbm_stamp, self.dram.ready,
+                                             loads_pending, src, seen, old, self.dram.hit_words,
+                                             self.hbm.host_words, out, self.words, missing)
         if n_hpos == DECLINE:
             return None
+        if n_miss:
+            return src, n_hpos, n_h, n_d, missing[:n_miss].copy()
         if n_hpos < n:
             policy.clock += 1
             policy.hits += n_d
-        return src, n_hpos, n_h, n_d
+        return src, n_hpos, n_h, n_d, _EMPTY
 
-    def _undo_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Two int64 buffers of ``n`` for ``hit_path.serve``'s undo log."""
+    def access_misses(self, keys: np.ndarray, hit_slots: np.ndarray, n_hits: int) -> np.ndarray:
+        """After a ``serve_hits(go_on=True)`` that found rows missing: the policy's miss half of the
+        access (``SlotPolicy.access_misses``) for their distinct ids ``keys``; returns their slots."""
+        return self.dram.policy.access_misses(keys, hit_slots, n_hits)
+
+    def _scratch_buffers(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Three int64 buffers of ``n`` for ``hit_path.serve``: its undo log and its missing positions."""
         if self._undo_log[0].size < n:
             m = max(n, 2 * self._undo_log[0].size)
-            self._undo_log = (np.empty(m, np.int64), np.empty(m, np.int64))
-        return self._undo_log[0][:n], self._undo_log[1][:n]
+            self._undo_log = (np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64))
+        return self._undo_log[0][:n], self._undo_log[1][:n], self._undo_log[2][:n]
 
     # -- the general path ---------------------------------------------------------------------
     def dedupe(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
