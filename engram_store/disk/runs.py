@@ -16,7 +16,7 @@ in flight. Two things fix it (measured with ``bench/bench_cold.py``, see docs/co
 - **Warm copies.** Hints and reads are system calls, and on a warm page cache they are most of a
   read's cost (on the 2-core VM: 0.4 us a hint, 1.4 us a 4 KiB ``pread``, against 0.5 us for
   its crc32). So when the caller passes the file's memory map and a sample of the blocks
-  (``RESIDENT_SAMPLES``, ``mincore``) is all in the page cache, the blocks are copied out of
+  (one block in ``RESIDENT_EVERY``, ``mincore``) is all in the page cache, the blocks are copied out of
   the map with no system call per block; if any sampled page is out, the batch is read
   hinted as above, so a cold batch keeps its queue depth (a mapped copy of a cold page would
   wait for it alone). A block the sample missed is still read right, by one page fault.
@@ -64,9 +64,13 @@ HINTS = True  # announce the runs ahead of the reads (see the module docstring)
 # every hint of a large batch.
 HINT_AHEAD = 64
 # Blocks of a batch whose pages are checked (mincore, ~1.4 us each) before it is copied from the
-# file's map: about 1% of a large batch's hint calls, while a batch that is 10% cold shows a cold
-# page in the sample 5 times out of 6.
+# file's map: one in RESIDENT_EVERY, at least RESIDENT_MIN and at most RESIDENT_SAMPLES. That is
+# ~0.1 us a block where a hint costs 0.4, while a cold working set shows in any sample, and a
+# large batch that is 10% cold shows a cold page in its 16 samples 5 times out of 6 (a cold block
+# the sample misses costs one page fault, as an unhinted pread would).
 RESIDENT_SAMPLES = 16
+RESIDENT_MIN = 2
+RESIDENT_EVERY = 16
 _PAGE = mmap.PAGESIZE
 
 
@@ -107,7 +111,8 @@ def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, st
     lens = np.full(n, bb, np.int64)
     lens[seg == n_blocks - 1] = last_len
     out = crcs[lo:hi] if crcs is not None else np.empty(0, np.uint32)
-    if mapped and _resident(np.int64(mapped), seg, lens, stride, RESIDENT_SAMPLES):
+    samples = min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY))
+    if mapped and _resident(np.int64(mapped), seg, lens, stride, samples):
         _copy_mapped(np.int64(mapped), seg, lens, stride, buf[lo:hi], out, crcs is not None)
         return []
     starts = run_starts(seg)

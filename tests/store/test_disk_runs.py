@@ -150,6 +150,11 @@ def test_a_batch_with_an_evicted_page_is_read_with_pread(tmp_path, monkeypatch):
         os.posix_fadvise(fd, int(blocks[5]) * stride, stride, os.POSIX_FADV_DONTNEED)
         if runs._resident(np.int64(addr), blocks, lens, stride, blocks.size):
             pytest.skip("this file system keeps the page cached after POSIX_FADV_DONTNEED")
+        assert not runs._resident(np.int64(addr), blocks[5:6], lens[:1], stride, 1)
+        assert runs._resident(np.int64(addr), blocks[:5], lens[:5], stride, 5)
+        # the batch's sample (a few blocks) must see the cold file: all of it out but block 3
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.pread(fd, 1, int(blocks[1]) * stride)
         called = []
         real = runs._read
 
