@@ -41,12 +41,15 @@ from pathlib import Path
 import numpy as np
 
 from engram_store.disk.blocks import BlockDisk, BlockTable
-from engram_store.disk.runs import read_runs
+from engram_store.disk.runs import WARM_OK, read_runs, warm_rows
 from engram_store.errors import StoreCorruptError, StoreNotFoundError
 from engram_store.format import TableInfo, crc32, fsync_path
 from engram_store.format.rows import block_stride
 
 JOURNAL = "journal"
+# At most this many rows are copied from the map on the caller's thread (FlatFileDisk.read); a
+# larger warm batch is split over the I/O pool (each part still copies its blocks from the map).
+WARM_ROWS = 8192
 _JOURNAL_MAGIC = b"ESJ1"
 
 
@@ -127,6 +130,21 @@ class FlatFileDisk(BlockDisk):
                        for n in infos}
 
     # -- reads ---------------------------------------------------------------------------
+    def read(self, table: str, ranks: np.ndarray, threads: int | None = None) -> tuple[np.ndarray, int]:
+        """``BlockDisk.read``; a batch of at most ``WARM_ROWS`` rows found in the page cache is copied
+        row by row from the file's map on the caller's thread (``runs.warm_rows``), with no
+        block buffer, pool hand-off or system call per block."""
+        t = self.tables[table]
+        ranks = np.asarray(ranks, dtype=np.int64)
+        mapped = t.mapped_address() if 0 < ranks.size <= WARM_ROWS else 0
+        if mapped:
+            out = np.empty((ranks.size, t.rb), np.uint8)
+            status, moved, _ = warm_rows(mapped, ranks, out, t.br, t.rb, t.stride, t.n_blocks,
+                                         t.block_len(t.n_blocks - 1), t.crc if self.verify else None)
+            if status == WARM_OK:
+                return out, moved
+        return super().read(table, ranks, threads)  # cold, or a block to re-check: the careful path
+
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` (sorted, unique) into rows ``lo:hi`` of ``buf``, verified."""
         last_len = t.block_len(t.n_blocks - 1)

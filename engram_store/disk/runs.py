@@ -193,3 +193,64 @@ def _copy_mapped(mbase, seg, lens, stride, rows, crcs, want_crc):
         _memcpy(np.uint64(base + j * bb), np.uint64(mbase + seg[j] * stride), lens[j])
         if want_crc:
             crcs[j] = _crc32(0, np.uint64(base + j * bb), lens[j])
+
+
+# -- rows straight from the map ---------------------------------------------------------------
+WARM_OK, WARM_COLD, WARM_BAD = 0, 1, 2
+
+
+def warm_rows(mapped: int, ranks: np.ndarray, out: np.ndarray, br: int, rb: int, stride: int, n_blocks: int,
+              last_len: int, crcs: np.ndarray | None) -> tuple[int, int, int]:
+    """Rows ``ranks`` of a block file mapped at ``mapped`` into ``out`` (uint8 ``[n, rb]``), each
+    distinct block's crc32 checked against ``crcs`` (None: not checked), when the batch is in the
+    page cache: ``(WARM_OK, bytes of the distinct blocks, 0)``. Copies only the rows (a block
+    read would copy all of it, and the crc reads it in place); ``(WARM_COLD, 0, 0)`` when the
+    residency sample finds a page out (read the batch with :func:`read_runs`: hinted, queued);
+    ``(WARM_BAD, 0, b)`` when block ``b`` fails its crc (read it the careful way, which re-checks
+    and names the error). ``out`` is then partly written."""
+    n = ranks.size
+    samples = min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY))
+    verify = crcs is not None
+    return _warm_rows(np.int64(mapped), ranks, out, br, rb, stride, n_blocks, last_len,
+                      crcs if verify else np.empty(0, np.uint32), verify, samples)
+
+
+@njit(nogil=True)
+def _warm_rows(mbase, ranks, out, br, rb, stride, n_blocks, last_len, crcs, verify, samples):
+    n = ranks.size
+    k = min(n, samples)
+    vec = np.empty(64, np.uint8)
+    for i in range(k):
+        b = ranks[i * n // k] // br
+        start = mbase + b * stride
+        first = start - start % _PAGE
+        length = start + (last_len if b == n_blocks - 1 else br * rb) - first
+        pages = (length + _PAGE - 1) // _PAGE
+        if pages > vec.size:
+            vec = np.empty(pages, np.uint8)
+        if _mincore(np.uint64(first), length, np.uint64(vec.ctypes.data)) != 0:
+            return WARM_COLD, 0, 0
+        for p in range(pages):
+            if vec[p] & 1 == 0:
+                return WARM_COLD, 0, 0
+    # the distinct blocks, in an open-addressing set twice the batch's size
+    cap = 1
+    while cap < 2 * n:
+        cap *= 2
+    seen = np.full(cap, -1, np.int64)
+    moved = 0
+    obase = np.int64(out.ctypes.data)
+    for i in range(n):
+        r = ranks[i]
+        b = r // br
+        h = (b * 40503) & (cap - 1)
+        while seen[h] != -1 and seen[h] != b:
+            h = (h + 1) & (cap - 1)
+        blen = last_len if b == n_blocks - 1 else br * rb
+        if seen[h] == -1:
+            seen[h] = b
+            moved += blen
+            if verify and _crc32(0, np.uint64(mbase + b * stride), blen) != crcs[b]:
+                return WARM_BAD, 0, b
+        _memcpy(np.uint64(obase + i * rb), np.uint64(mbase + b * stride + (r - b * br) * rb), rb)
+    return WARM_OK, moved, 0

@@ -171,3 +171,43 @@ def test_a_batch_with_an_evicted_page_is_read_with_pread(tmp_path, monkeypatch):
     finally:
         m.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("rb,br,stride", [(264, 15, 4096), (128, 32, 4096), (100, 40, 4000), (6000, 1, 6000)])
+def test_warm_rows_copies_each_row_and_checks_each_block_once(tmp_path, rb, br, stride):
+    rng = np.random.default_rng(rb + 2)
+    n_rows = 23 * br + br // 2 + 1  # a short last block
+    rows = rng.integers(0, 256, (n_rows, rb), dtype=np.uint8)
+    path = tmp_path / "t.rows"
+    write_layout(path, rows, br, stride)
+    n_blocks = -(-n_rows // br)
+    last_len = (n_rows - (n_blocks - 1) * br) * rb
+    crcs = np.array([zlib.crc32(rows[b * br:(b + 1) * br].tobytes()) for b in range(n_blocks)], np.uint32)
+    fd, m, addr = _warm_map(path)
+    try:
+        for trial in range(15):
+            ranks = rng.integers(0, n_rows, rng.integers(1, 3 * n_rows))  # repeats and shared blocks
+            if trial == 0:
+                ranks = np.array([n_rows - 1, 0, n_rows - 1])
+            out = np.zeros((ranks.size, rb), np.uint8)
+            status, moved, _ = runs.warm_rows(addr, ranks, out, br, rb, stride, n_blocks, last_len, crcs)
+            assert status == runs.WARM_OK
+            assert np.array_equal(out, rows[ranks])
+            blocks = np.unique(ranks // br)
+            assert moved == sum(min(br, n_rows - b * br) * rb for b in blocks.tolist())
+        bad = crcs.copy()
+        bad[7] ^= 1  # block 7's stored checksum no longer matches its bytes
+        ranks = np.array([3, 7 * br + 1, 7 * br, n_rows - 1])
+        out = np.zeros((4, rb), np.uint8)
+        assert runs.warm_rows(addr, ranks, out, br, rb, stride, n_blocks, last_len, bad)[::2] == (runs.WARM_BAD, 7)
+        assert runs.warm_rows(addr, ranks, out, br, rb, stride, n_blocks, last_len, None)[0] == runs.WARM_OK
+        assert np.array_equal(out, rows[ranks])  # unchecked: copied as they are
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not runs._resident(np.int64(addr), np.array([0]), np.array([br * rb]), stride, 1):
+            got = runs.warm_rows(addr, np.arange(0, n_rows, br), np.zeros((n_blocks, rb), np.uint8), br, rb,
+                                 stride, n_blocks, last_len, crcs)
+            assert got[0] == runs.WARM_COLD
+    finally:
+        m.close()
+        os.close(fd)
