@@ -56,7 +56,7 @@ from engram_model.model import EngramLM, ModelConfig  # noqa: E402
 from engram_model.serving import load_served  # noqa: E402
 from engram_pipeline.build import build_from_checkpoint  # noqa: E402
 from engram_pipeline.counts import count_corpus  # noqa: E402
-from engram_pipeline.pagecache import drop_page_cache  # noqa: E402
+from engram_pipeline.pagecache import drop_page_cache, warm_page_cache  # noqa: E402
 
 PREP_VERSION = 1
 
@@ -346,6 +346,8 @@ def main(argv=None) -> int:
 
     k = 0
     for rep in range(args.reps):
+        if not args.drop_caches:  # "page cache warm" means it: this VM reclaims idle page cache itself
+            warm_page_cache([prep["store"]])
         for i in range(args.iters):
             batch = [windows(rep * args.iters + i, B, T)]
             for j in range(len(names)):
