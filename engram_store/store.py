@@ -42,6 +42,7 @@ from engram_store.format import DTYPE_NAMES, TableInfo, load_remap, read_manifes
 from engram_store.ids import as_ids
 from engram_store.prefetch import load
 from engram_store.prefetch.assemble import assemble
+from engram_store.prefetch.free_fill import warm_source
 from engram_store.prefetch.handle import Handle, done_future
 from engram_store.prefetch.plan import make_plan
 from engram_store.resident.dram import DramTier
@@ -203,7 +204,8 @@ class TieredStore:
             if self._closed:
                 raise StoreClosedError(f"store {str(self.path)!r} is closed")
             self._drain_releases()
-            p = make_plan(t, ids.reshape(-1), shape, self._loads, self.device.type == "cuda", bool(dequantize))
+            p = make_plan(t, ids.reshape(-1), shape, self._loads, self.device.type == "cuda", bool(dequantize),
+                          warm_source(self._disk, t.name) if self._inline_reads else None, self._inline_reads)
             if p.miss_ranks.size == 0 and not p.deps:
                 try:
                     fut = done_future(self._assemble(p, None))

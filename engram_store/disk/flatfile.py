@@ -145,6 +145,16 @@ class FlatFileDisk(BlockDisk):
                 return out, moved
         return super().read(table, ranks, threads)  # cold, or a block to re-check: the careful path
 
+    def warm_source(self, table: str):
+        """What ``prefetch.free_fill`` copies rows of ``table`` from: ``(map address, rows per block,
+        row bytes, stride, blocks, last block bytes, crcs or None)``, or None while the file is
+        unmapped or shrunk."""
+        t = self.tables[table]
+        mapped = t.mapped_address()
+        if not mapped:
+            return None
+        return (mapped, t.br, t.rb, t.stride, t.n_blocks, t.block_len(t.n_blocks - 1), t.crc if self.verify else None)
+
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` (sorted, unique) into rows ``lo:hi`` of ``buf``, verified."""
         last_len = t.block_len(t.n_blocks - 1)

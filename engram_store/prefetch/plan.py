@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engram_store.prefetch.free_fill import fill_free
 from engram_store.prefetch.load import Load, Loads
 from engram_store.resident.table import DISK, DRAM, HBM, ResidentTable
 
@@ -101,25 +102,34 @@ class PartialPlan(MissPlan):
 
 
 def make_plan(t: ResidentTable, ids: np.ndarray, shape, loads: Loads, pinned: bool,
-              decode: bool) -> HitPlan | MissPlan:
+              decode: bool, source=None, fill_rows: int = 0) -> HitPlan | MissPlan:
     """Plan the prefetch of flat ``ids`` (store lock held); records the per-tier stats. ``decode``: the
-    rows are to be decoded by the table's row format after the gather."""
+    rows are to be decoded by the table's row format after the gather. ``source``: the table's warm
+    row file (``free_fill.warm_source``), for a batch whose few misses (at most ``fill_rows``) fit in free
+    slots."""
     n = ids.size
     # the host buffer of the rows, also where the hit path copies them (pinned: the upload to a
     # GPU is then asynchronous)
     out = torch.empty((n, t.row_bytes), dtype=torch.uint8, pin_memory=pinned)
-    plan = _hit_plan(t, ids, shape, out, decode, loads)
+    plan = _hit_plan(t, ids, shape, out, decode, loads, source, fill_rows)
     return plan if plan is not None else _miss_plan(t, ids, shape, out, decode, loads)
 
 
 def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool,
-              loads: Loads) -> HitPlan | MissPlan | None:
+              loads: Loads, source=None, fill_rows: int = 0) -> HitPlan | MissPlan | None:
     served = t.serve_hits(ids, out.numpy().view(t.word).reshape(-1), bool(loads), go_on=True)
     if served is None:
         return None
     src, n_hpos, n_h, n_d, missing = served
     if missing.size:
-        return _partial_plan(t, ids, shape, out, decode, loads, src, n_hpos, n_h, n_d, missing)
+        filled = fill_free(t.dram.policy, t, ids, missing, n_d, out.numpy(), source, fill_rows)
+        if filled is None:
+            return _partial_plan(t, ids, shape, out, decode, loads, src, n_hpos, n_h, n_d, missing)
+        hit_slots = src[src >= 0]
+        rb, n = t.row_bytes, ids.size
+        t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, dram_bytes=n_d * rb, hbm_accesses=n_hpos,
+                    dram_accesses=n - n_hpos - missing.size, disk_accesses=missing.size)
+        return HitPlan(t, shape, out, decode, [], True, t.hold(np.concatenate([hit_slots, filled])))
     n, rb = ids.size, t.row_bytes
     on_host = not t.hbm_on_device or not n_hpos  # HBM rows copied too (or none)
     if n_hpos == n:
