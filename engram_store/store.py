@@ -205,7 +205,7 @@ class TieredStore:
                 raise StoreClosedError(f"store {str(self.path)!r} is closed")
             self._drain_releases()
             p = make_plan(t, ids.reshape(-1), shape, self._loads, self.device.type == "cuda", bool(dequantize),
-                          warm_source(self._disk, t.name) if self._inline_reads else None, self._inline_reads)
+                          self._warm_source if self._inline_reads else None, self._inline_reads)
             if p.miss_ranks.size == 0 and not p.deps:
                 try:
                     fut = done_future(self._assemble(p, None))
@@ -258,6 +258,9 @@ class TieredStore:
             self._release(p)
             raise
         return fut
+
+    def _warm_source(self, t):
+        return warm_source(self._disk, t.name)
 
     def _assemble(self, p, miss_rows):
         return assemble(p, miss_rows, self.device, self._side_stream)

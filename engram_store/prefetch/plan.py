@@ -104,9 +104,9 @@ class PartialPlan(MissPlan):
 def make_plan(t: ResidentTable, ids: np.ndarray, shape, loads: Loads, pinned: bool,
               decode: bool, source=None, fill_rows: int = 0) -> HitPlan | MissPlan:
     """Plan the prefetch of flat ``ids`` (store lock held); records the per-tier stats. ``decode``: the
-    rows are to be decoded by the table's row format after the gather. ``source``: the table's warm
-    row file (``free_fill.warm_source``), for a batch whose few misses (at most ``fill_rows``) fit in free
-    slots."""
+    rows are to be decoded by the table's row format after the gather. ``source(t)``: the table's warm
+    row file (``free_fill.warm_source``), asked for only when a batch's few misses (at most
+    ``fill_rows``) may fit in free slots."""
     n = ids.size
     # the host buffer of the rows, also where the hit path copies them (pinned: the upload to a
     # GPU is then asynchronous)
@@ -122,7 +122,9 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decod
         return None
     src, n_hpos, n_h, n_d, missing = served
     if missing.size:
-        filled = fill_free(t.dram.policy, t, ids, missing, n_d, out.numpy(), source, fill_rows)
+        filled = None
+        if source is not None and missing.size <= 4 * fill_rows:
+            filled = fill_free(t.dram.policy, t, ids, missing, n_d, out.numpy(), source(t), fill_rows)
         if filled is None:
             return _partial_plan(t, ids, shape, out, decode, loads, src, n_hpos, n_h, n_d, missing)
         hit_slots = src[src >= 0]
