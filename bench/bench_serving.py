@@ -97,6 +97,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def git_commit() -> str:
+    """The checkout's short commit (with ``+dirty`` when files differ), for the figures' record."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=root).stdout
+    except OSError:
+        return ""
+    return head.strip() + ("+dirty" if dirty.strip() else "")
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -412,7 +426,7 @@ def main(argv=None) -> int:
     for s in stores.values():
         s.close()
     report(args, total, results, exact, prof, dev)
-    out = {"bench": "serving", "device": dev, "device_name": torch.cuda.get_device_name() if dev == "cuda" else
+    out = {"bench": "serving", "commit": git_commit(), "device": dev, "device_name": torch.cuda.get_device_name() if dev == "cuda" else
            f"cpu x{torch.get_num_threads()} threads", "backend": args.backend, "dtype": args.dtype,
            "table_mib": round(total / 2**20, 1), "batch": B, "seq": T, "gen_batch": args.gen_batch,
            "new_tokens": args.new_tokens, "reps": args.reps, "gens": args.reps * args.gens, "drop_caches": args.drop_caches,
