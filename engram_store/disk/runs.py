@@ -163,25 +163,68 @@ def _read(fd, seg, lens, starts, ends, run_bytes, stride, rows, scratch, hint, c
 
 
 @njit(nogil=True)
+def _block_resident(mbase, b, blen, stride):
+    """Whether every page of block ``b`` (``blen`` bytes at ``b * stride`` in the map) is in the page cache."""
+    start = mbase + b * stride
+    first = start - start % _PAGE
+    length = start + blen - first
+    pages = (length + _PAGE - 1) // _PAGE
+    vec = np.empty(pages, np.uint8)
+    if _mincore(np.uint64(first), length, np.uint64(vec.ctypes.data)) != 0:
+        return False
+    for p in range(pages):
+        if vec[p] & 1 == 0:
+            return False
+    return True
+
+
+@njit(nogil=True)
 def _resident(mbase, seg, lens, stride, samples):
     """Whether every page of ``samples`` blocks spread over ``seg`` is in the page cache (mincore)."""
     n = seg.size
     k = min(n, samples)
-    vec = np.empty(64, np.uint8)
     for i in range(k):
         j = i * n // k
-        start = mbase + seg[j] * stride
-        first = start - start % _PAGE
-        length = start + lens[j] - first
-        pages = (length + _PAGE - 1) // _PAGE
-        if pages > vec.size:
-            vec = np.empty(pages, np.uint8)
-        if _mincore(np.uint64(first), length, np.uint64(vec.ctypes.data)) != 0:
+        if not _block_resident(mbase, seg[j], lens[j], stride):
             return False
-        for p in range(pages):
-            if vec[p] & 1 == 0:
-                return False
     return True
+
+
+@njit(nogil=True)
+def rows_resident(mbase, ranks, br, rb, stride, n_blocks, last_len):
+    """``_resident`` for the blocks of rows ``ranks``: one block in ``RESIDENT_EVERY`` (2 to 16) sampled."""
+    n = ranks.size
+    k = min(n, min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY)))
+    for i in range(k):
+        b = ranks[i * n // k] // br
+        if not _block_resident(mbase, b, last_len if b == n_blocks - 1 else br * rb, stride):
+            return False
+    return True
+
+
+@njit(nogil=True)
+def check_blocks(mbase, ranks, br, rb, stride, n_blocks, last_len, crcs, verify):
+    """``(-1, bytes)``: each distinct block of rows ``ranks`` passed its crc32 (``crcs[b]``, computed in
+    place in the map; with ``verify`` False none is computed), and the distinct blocks' bytes; or
+    ``(b, 0)`` for the first block that failed."""
+    n = ranks.size
+    cap = 1
+    while cap < 2 * n:  # the distinct blocks, in an open-addressing set twice the batch's size
+        cap *= 2
+    seen = np.full(cap, -1, np.int64)
+    moved = 0
+    for i in range(n):
+        b = ranks[i] // br
+        h = (b * 40503) & (cap - 1)
+        while seen[h] != -1 and seen[h] != b:
+            h = (h + 1) & (cap - 1)
+        if seen[h] == -1:
+            seen[h] = b
+            blen = last_len if b == n_blocks - 1 else br * rb
+            moved += blen
+            if verify and _crc32(0, np.uint64(mbase + b * stride), blen) != crcs[b]:
+                return b, 0
+    return -1, moved
 
 
 @njit(nogil=True)
@@ -208,49 +251,21 @@ def warm_rows(mapped: int, ranks: np.ndarray, out: np.ndarray, br: int, rb: int,
     residency sample finds a page out (read the batch with :func:`read_runs`: hinted, queued);
     ``(WARM_BAD, 0, b)`` when block ``b`` fails its crc (read it the careful way, which re-checks
     and names the error). ``out`` is then partly written."""
-    n = ranks.size
-    samples = min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY))
     verify = crcs is not None
     return _warm_rows(np.int64(mapped), ranks, out, br, rb, stride, n_blocks, last_len,
-                      crcs if verify else np.empty(0, np.uint32), verify, samples)
+                      crcs if verify else np.empty(0, np.uint32), verify)
 
 
 @njit(nogil=True)
-def _warm_rows(mbase, ranks, out, br, rb, stride, n_blocks, last_len, crcs, verify, samples):
-    n = ranks.size
-    k = min(n, samples)
-    vec = np.empty(64, np.uint8)
-    for i in range(k):
-        b = ranks[i * n // k] // br
-        start = mbase + b * stride
-        first = start - start % _PAGE
-        length = start + (last_len if b == n_blocks - 1 else br * rb) - first
-        pages = (length + _PAGE - 1) // _PAGE
-        if pages > vec.size:
-            vec = np.empty(pages, np.uint8)
-        if _mincore(np.uint64(first), length, np.uint64(vec.ctypes.data)) != 0:
-            return WARM_COLD, 0, 0
-        for p in range(pages):
-            if vec[p] & 1 == 0:
-                return WARM_COLD, 0, 0
-    # the distinct blocks, in an open-addressing set twice the batch's size
-    cap = 1
-    while cap < 2 * n:
-        cap *= 2
-    seen = np.full(cap, -1, np.int64)
-    moved = 0
+def _warm_rows(mbase, ranks, out, br, rb, stride, n_blocks, last_len, crcs, verify):
+    if not rows_resident(mbase, ranks, br, rb, stride, n_blocks, last_len):
+        return WARM_COLD, 0, 0
+    bad, moved = check_blocks(mbase, ranks, br, rb, stride, n_blocks, last_len, crcs, verify)
+    if bad >= 0:
+        return WARM_BAD, 0, bad
     obase = np.int64(out.ctypes.data)
-    for i in range(n):
+    for i in range(ranks.size):
         r = ranks[i]
         b = r // br
-        h = (b * 40503) & (cap - 1)
-        while seen[h] != -1 and seen[h] != b:
-            h = (h + 1) & (cap - 1)
-        blen = last_len if b == n_blocks - 1 else br * rb
-        if seen[h] == -1:
-            seen[h] = b
-            moved += blen
-            if verify and _crc32(0, np.uint64(mbase + b * stride), blen) != crcs[b]:
-                return WARM_BAD, 0, b
         _memcpy(np.uint64(obase + i * rb), np.uint64(mbase + b * stride + (r - b * br) * rb), rb)
     return WARM_OK, moved, 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from engram_store.disk.runs import _PAGE, RESIDENT_EVERY, RESIDENT_MIN, RESIDENT_SAMPLES, _crc32, _memcpy, _mincore
+from engram_store.disk.runs import _memcpy, check_blocks, rows_resident
 
 FALLBACK = -1
 
@@ -82,37 +82,12 @@ def _fill_free(ids, missing, keys, key_of, slot_rank, free, n_free, clock, remap
     if nd > n_free or nd > max_rows or capacity == 0:
         return FALLBACK, n_free, 0
     # read-only checks first: the pages in the cache (a sample), each distinct block's crc32
-    k_s = min(nd, min(RESIDENT_SAMPLES, max(RESIDENT_MIN, nd // RESIDENT_EVERY)))
-    vec = np.empty(64, np.uint8)
-    for i in range(k_s):
-        b = remap[uk[i * nd // k_s]] // br
-        start = mbase + b * stride
-        first = start - start % _PAGE
-        length = start + (last_len if b == n_blocks - 1 else br * rb) - first
-        pages = (length + _PAGE - 1) // _PAGE
-        if pages > vec.size:
-            vec = np.empty(pages, np.uint8)
-        if _mincore(np.uint64(first), length, np.uint64(vec.ctypes.data)) != 0:
-            return FALLBACK, n_free, 0
-        for p in range(pages):
-            if vec[p] & 1 == 0:
-                return FALLBACK, n_free, 0
-    cap = 1
-    while cap < 2 * nd:
-        cap *= 2
-    seen = np.full(cap, -1, np.int64)
-    moved = 0
-    for i in range(nd):
-        b = remap[uk[i]] // br
-        h = (b * 40503) & (cap - 1)
-        while seen[h] != -1 and seen[h] != b:
-            h = (h + 1) & (cap - 1)
-        if seen[h] == -1:
-            seen[h] = b
-            blen = last_len if b == n_blocks - 1 else br * rb
-            moved += blen
-            if verify and _crc32(0, np.uint64(mbase + b * stride), blen) != crcs[b]:
-                return FALLBACK, n_free, 0
+    ranks = remap[uk[:nd]]
+    if not rows_resident(mbase, ranks, br, rb, stride, n_blocks, last_len):
+        return FALLBACK, n_free, 0
+    bad, moved = check_blocks(mbase, ranks, br, rb, stride, n_blocks, last_len, crcs, verify)
+    if bad >= 0:
+        return FALLBACK, n_free, 0
     # commit: SlotPolicy.access_misses with every miss admitted to a free slot (lowest first)
     sbase = np.int64(slab.ctypes.data)
     obase = np.int64(out.ctypes.data)
@@ -124,7 +99,7 @@ def _fill_free(ids, missing, keys, key_of, slot_rank, free, n_free, clock, remap
         keys[k].slot = s
         keys[k].acc += 1
         keys[k].last = clock
-        r = remap[k]
+        r = ranks[i]
         slot_rank[s] = r
         b = r // br
         _memcpy(np.uint64(sbase + s * rb), np.uint64(mbase + b * stride + (r - b * br) * rb), rb)

@@ -103,16 +103,20 @@ def _warm_map(path):
     return fd, m, addr
 
 
-@pytest.mark.parametrize("rb,br,stride", [(264, 15, 4096), (128, 32, 4096), (100, 40, 4000), (6000, 1, 6000)])
-def test_a_warm_batch_is_copied_from_the_map(tmp_path, monkeypatch, rb, br, stride):
-    rng = np.random.default_rng(rb + 1)
-    n_rows = 29 * br + br // 3 + 1  # a short last block
+def _mapped_table(tmp_path, rng, rb, br, stride, n_rows):
+    """Random rows laid out in blocks (a short last one), warm and mapped: rows, rows, blocks, last
+    block bytes, (fd, map, address)."""
     rows = rng.integers(0, 256, (n_rows, rb), dtype=np.uint8)
     path = tmp_path / "t.rows"
     write_layout(path, rows, br, stride)
     n_blocks = -(-n_rows // br)
-    last_len = (n_rows - (n_blocks - 1) * br) * rb
-    fd, m, addr = _warm_map(path)
+    return rows, n_rows, n_blocks, (n_rows - (n_blocks - 1) * br) * rb, _warm_map(path)
+
+
+@pytest.mark.parametrize("rb,br,stride", [(264, 15, 4096), (128, 32, 4096), (100, 40, 4000), (6000, 1, 6000)])
+def test_a_warm_batch_is_copied_from_the_map(tmp_path, monkeypatch, rb, br, stride):
+    rng = np.random.default_rng(rb + 1)
+    rows, n_rows, n_blocks, last_len, (fd, m, addr) = _mapped_table(tmp_path, rng, rb, br, stride, 29 * br + br // 3 + 1)
 
     def no_pread(*a):
         raise AssertionError("a warm batch was read with pread, not copied from the map")
@@ -176,14 +180,8 @@ def test_a_batch_with_an_evicted_page_is_read_with_pread(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rb,br,stride", [(264, 15, 4096), (128, 32, 4096), (100, 40, 4000), (6000, 1, 6000)])
 def test_warm_rows_copies_each_row_and_checks_each_block_once(tmp_path, rb, br, stride):
     rng = np.random.default_rng(rb + 2)
-    n_rows = 23 * br + br // 2 + 1  # a short last block
-    rows = rng.integers(0, 256, (n_rows, rb), dtype=np.uint8)
-    path = tmp_path / "t.rows"
-    write_layout(path, rows, br, stride)
-    n_blocks = -(-n_rows // br)
-    last_len = (n_rows - (n_blocks - 1) * br) * rb
+    rows, n_rows, n_blocks, last_len, (fd, m, addr) = _mapped_table(tmp_path, rng, rb, br, stride, 23 * br + br // 2 + 1)
     crcs = np.array([zlib.crc32(rows[b * br:(b + 1) * br].tobytes()) for b in range(n_blocks)], np.uint32)
-    fd, m, addr = _warm_map(path)
     try:
         for trial in range(15):
             ranks = rng.integers(0, n_rows, rng.integers(1, 3 * n_rows))  # repeats and shared blocks
