@@ -134,13 +134,11 @@ class FlatFileDisk(BlockDisk):
         """``BlockDisk.read``; a batch of at most ``WARM_ROWS`` rows found in the page cache is copied
         row by row from the file's map on the caller's thread (``runs.warm_rows``), with no
         block buffer, pool hand-off or system call per block."""
-        t = self.tables[table]
         ranks = np.asarray(ranks, dtype=np.int64)
-        mapped = t.mapped_address() if 0 < ranks.size <= WARM_ROWS else 0
-        if mapped:
-            out = np.empty((ranks.size, t.rb), np.uint8)
-            status, moved, _ = warm_rows(mapped, ranks, out, t.br, t.rb, t.stride, t.n_blocks,
-                                         t.block_len(t.n_blocks - 1), t.crc if self.verify else None)
+        source = self.warm_source(table) if 0 < ranks.size <= WARM_ROWS else None
+        if source is not None:
+            out = np.empty((ranks.size, self.tables[table].rb), np.uint8)
+            status, moved, _ = warm_rows(source[0], ranks, out, *source[1:])
             if status == WARM_OK:
                 return out, moved
         return super().read(table, ranks, threads)  # cold, or a block to re-check: the careful path
