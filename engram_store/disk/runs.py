@@ -111,8 +111,7 @@ def read_runs(fd: int, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int, st
     lens = np.full(n, bb, np.int64)
     lens[seg == n_blocks - 1] = last_len
     out = crcs[lo:hi] if crcs is not None else np.empty(0, np.uint32)
-    samples = min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY))
-    if mapped and _resident(np.int64(mapped), seg, lens, stride, samples):
+    if mapped and _resident(np.int64(mapped), seg, lens, stride, resident_samples(n)):
         _copy_mapped(np.int64(mapped), seg, lens, stride, buf[lo:hi], out, crcs is not None)
         return []
     starts = run_starts(seg)
@@ -163,6 +162,12 @@ def _read(fd, seg, lens, starts, ends, run_bytes, stride, rows, scratch, hint, c
 
 
 @njit(nogil=True)
+def resident_samples(n):
+    """How many of a batch's ``n`` blocks the residency check samples (see ``RESIDENT_EVERY``)."""
+    return min(n, min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY)))
+
+
+@njit(nogil=True)
 def _block_resident(mbase, b, blen, stride):
     """Whether every page of block ``b`` (``blen`` bytes at ``b * stride`` in the map) is in the page cache."""
     start = mbase + b * stride
@@ -194,7 +199,7 @@ def _resident(mbase, seg, lens, stride, samples):
 def rows_resident(mbase, ranks, br, rb, stride, n_blocks, last_len):
     """``_resident`` for the blocks of rows ``ranks``: one block in ``RESIDENT_EVERY`` (2 to 16) sampled."""
     n = ranks.size
-    k = min(n, min(RESIDENT_SAMPLES, max(RESIDENT_MIN, n // RESIDENT_EVERY)))
+    k = resident_samples(n)
     for i in range(k):
         b = ranks[i * n // k] // br
         if not _block_resident(mbase, b, last_len if b == n_blocks - 1 else br * rb, stride):

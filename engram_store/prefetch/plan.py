@@ -122,15 +122,15 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decod
         return None
     src, n_hpos, n_h, n_d, missing = served
     if missing.size:
-        filled = None
-        if source is not None and missing.size <= 4 * fill_rows:
-            filled = fill_free(t.dram.policy, t, ids, missing, n_d, out.numpy(), source(t), fill_rows)
-        if filled is None:
-            return _partial_plan(t, ids, shape, out, decode, loads, src, n_hpos, n_h, n_d, missing)
-        hit_slots = src[src >= 0]
         rb, n = t.row_bytes, ids.size
         t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, dram_bytes=n_d * rb, hbm_accesses=n_hpos,
                     dram_accesses=n - n_hpos - missing.size, disk_accesses=missing.size)
+        hit_slots = src[src >= 0]  # this batch's DRAM hits (repeats and all): held with the admitted misses
+        filled = None
+        if source is not None:
+            filled = fill_free(t.dram.policy, t, ids, missing, n_d, out.numpy(), source(t), fill_rows)
+        if filled is None:
+            return _partial_plan(t, ids, shape, out, decode, loads, hit_slots, n_d, missing)
         return HitPlan(t, shape, out, decode, [], True, t.hold(np.concatenate([hit_slots, filled])))
     n, rb = ids.size, t.row_bytes
     on_host = not t.hbm_on_device or not n_hpos  # HBM rows copied too (or none)
@@ -156,13 +156,13 @@ def _hit_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decod
 
 
 def _partial_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, decode: bool, loads: Loads,
-                  src: np.ndarray, n_hpos: int, n_h: int, n_d: int, missing: np.ndarray) -> MissPlan:
-    """The compiled pass copied every resident row into ``out`` and left the positions ``missing``:
-    the policy admits their distinct ids, and the plan reads those from disk and fills the rest."""
+                  hit_slots: np.ndarray, n_d: int, missing: np.ndarray) -> MissPlan:
+    """The compiled pass copied every resident row into ``out`` (``n_d`` distinct DRAM hits, at
+    ``hit_slots``) and left the positions ``missing``: the policy admits their distinct ids, and the
+    plan reads those from disk and fills the rest. The caller has counted the batch's stats."""
     # in order of last occurrence, as the general path's dedupe orders them: the same ids then land
     # in the same slots whichever path a batch takes
     miss_ids, inverse = t.dedupe(ids[missing])
-    hit_slots = src[src >= 0]  # this batch's DRAM hits (repeats and all): held with the admitted misses
     slots = t.access_misses(miss_ids, hit_slots, n_d)
     hold = t.hold(np.concatenate([hit_slots, slots]))  # entries < 0 (misses not cached) are ignored
     fill_idx = np.flatnonzero(slots >= 0)
@@ -171,9 +171,6 @@ def _partial_plan(t: ResidentTable, ids: np.ndarray, shape, out: torch.Tensor, d
     if fill_idx.size:
         load_id, load = loads.new()
         t.mark_loading(fill_slots, load_id)
-    rb, n = t.row_bytes, ids.size
-    t.stats.add(prefetches=1, hbm_hits=n_h, hbm_bytes=n_h * rb, dram_bytes=n_d * rb, hbm_accesses=n_hpos,
-                dram_accesses=n - n_hpos - missing.size, disk_accesses=missing.size)
     return PartialPlan(t, shape, out, decode, missing, inverse, t.remap[miss_ids].astype(np.int64),
                        fill_slots, fill_idx, load_id, load, hold)
 
