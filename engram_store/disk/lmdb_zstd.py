@@ -29,6 +29,7 @@ is serialised by LMDB itself and the store drains in-flight reads of the table f
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,8 +37,11 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import zstandard
+from numba import njit
 
+from engram_store.disk import lmdb_pages
 from engram_store.disk.blocks import BlockDisk, BlockTable
+from engram_store.disk.runs import _crc32
 from engram_store.errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
 from engram_store.format import LMDB_DIR, TableInfo, crc32
 
@@ -137,6 +141,27 @@ def decode_block(value, n: int, itemsize: int, shuffle: bool, dctx: zstandard.Zs
     return out.reshape(-1)
 
 
+@njit(nogil=True)
+def _copy_raw(joined, offs, lens, rows, blens, verify, done):
+    """The raw values (codec byte 0, ``blens[j]`` payload bytes) of ``joined`` (value j at ``offs[j]``,
+    ``lens[j]`` bytes) into ``rows[j]``, crc32 checked if ``verify``: ``done[j]`` where that worked;
+    anything else (a zstd value, a wrong length, a mismatch) is left to the per-block decode."""
+    base = np.int64(rows.ctypes.data)
+    bb = np.int64(rows.shape[1])
+    for j in range(offs.size):
+        o, n = offs[j], blens[j]
+        done[j] = False
+        if lens[j] != n + 5 or joined[o + 4] != RAW:
+            continue
+        rows[j, :n] = joined[o + 5: o + 5 + n]
+        if verify:
+            c = (np.uint32(joined[o]) | (np.uint32(joined[o + 1]) << 8) | (np.uint32(joined[o + 2]) << 16)
+                 | (np.uint32(joined[o + 3]) << 24))
+            if np.uint32(_crc32(0, np.uint64(base + j * bb), n)) != c:
+                continue
+        done[j] = True
+
+
 def open_env(path: Path, *, readonly: bool = False, map_size: int | None = None) -> lmdb.Environment:
     if map_size is None:
         used = sum(p.stat().st_size for p in Path(path).glob("*.mdb")) if Path(path).exists() else 0
@@ -183,6 +208,15 @@ class LmdbDisk(BlockDisk):
         self.tables = {n: _Table(n, infos[n], manifest["tables"][n]) for n in infos}
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="engram-lmdb")
+        # With the leaf-page index the reads are queued by hints, as the flat file's are, and a few
+        # threads do (parts = the store's io_threads); without it the threads are the queue depth.
+        self.pages = lmdb_pages.LeafPages.load(self.env, env_path, {n: t.n_blocks for n, t in self.tables.items()},
+                                               block_key)
+        self._unhinted_threads = self.io_threads
+        self._stale_pages: list = []
+        if self.pages is not None:
+            self.pages.pin_inner()
+            self.io_threads = max(1, int(io_threads))
         # A cheap open-time check that catches a truncated environment: the last block of each table.
         with self.env.begin(buffers=True) as txn:
             for t in self.tables.values():
@@ -198,39 +232,70 @@ class LmdbDisk(BlockDisk):
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf``; returns the stored bytes read.
 
-        Per block only the LMDB get (which takes the cold page faults of the branch and leaf pages,
-        GIL released) and the zstd call or the copy of a raw block run; the unshuffle of zstd blocks
-        is one vectorised copy where it can be and the checksums one crc32 per block over ``buf``:
-        less time holding the GIL per block lets the I/O threads' page faults overlap.
+        Per block only the LMDB get runs in Python (it takes the page faults, GIL released; with the
+        leaf-page index their reads were queued first); the raw values are copied and checked in one
+        compiled call (``_copy_raw``). A zstd value, a version-1 value, a missing block or a checksum
+        mismatch goes through :meth:`_decode_each`, which names what is wrong.
         """
         prefix = t.name.encode() + b"/"
-        dctx = self._dctx()
-        moved = 0
-        packed, packed_at, crcs = [], [], []
+        seg = blocks[lo:hi]
         rows = buf[lo:hi]
+        if seg.size == 0:
+            return 0
+        pages = self.pages
+        if pages is not None:
+            pages.announce(t.name, seg)
         with self.env.begin(buffers=True) as txn:
-            for j in range(hi - lo):
-                b = int(blocks[lo + j])
-                v = txn.get(prefix + b.to_bytes(8, "big"))
-                p, is_packed = block_payload(v, t.block_len(b), t.codec, dctx, t.name, b)
-                if is_packed:
-                    packed.append(p)
-                    packed_at.append(j)
-                else:  # a raw block: a view of the map, valid only inside the transaction
-                    rows[j, : len(p)] = np.frombuffer(p, np.uint8)
-                crcs.append(stored_crc(v))
-                moved += len(v)
+            get = txn.get
+            values = [get(prefix + b.to_bytes(8, "big")) for b in seg.tolist()]
+            if pages is not None and values[0] is not None and not pages.agrees(t.name, int(seg[0]), values[0]):
+                self._drop_pages()  # another process updated the environment: its pages moved
+            lens = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
+            todo = np.arange(seg.size)
+            if t.codec == CODEC_FLAGGED and None not in values:
+                offs = np.zeros(seg.size, np.int64)
+                np.cumsum(lens[:-1], out=offs[1:])
+                blens = np.full(seg.size, t.br * t.rb, np.int64)
+                blens[seg == t.n_blocks - 1] = t.block_len(t.n_blocks - 1)
+                done = np.empty(seg.size, np.bool_)
+                _copy_raw(np.frombuffer(b"".join(values), np.uint8), offs, lens, rows, blens, self.verify, done)
+                todo = np.flatnonzero(~done)
+            if todo.size:
+                self._decode_each(t, seg, rows, values, todo)
+        return int(lens.sum())
+
+    def _decode_each(self, t: _Table, seg: np.ndarray, rows: np.ndarray, values: list, todo: np.ndarray) -> None:
+        """Values ``values[j]`` (of blocks ``seg[j]``) for ``j`` in ``todo`` into ``rows[j]``, one at a time
+        (inside the read transaction: raw payloads are views of the map), checked."""
+        dctx = self._dctx()
+        packed, packed_at, crcs = [], [], []
+        for j in todo.tolist():
+            b = int(seg[j])
+            v = values[j]
+            p, is_packed = block_payload(v, t.block_len(b), t.codec, dctx, t.name, b)
+            if is_packed:
+                packed.append(p)
+                packed_at.append(j)
+            else:
+                rows[j, : len(p)] = np.frombuffer(p, np.uint8)
+            crcs.append(stored_crc(v))
         if packed and len(packed) == rows.shape[0]:  # every block a zstd frame: one vectorised unshuffle
             unshuffle_into(packed, rows, t.itemsize, t.shuffle)
         else:
             for p, j in zip(packed, packed_at):
                 unshuffle_into([p], rows[j: j + 1], t.itemsize, t.shuffle)
         if self.verify:
-            for j, c in enumerate(crcs):
-                if crc32(rows[j, : t.block_len(int(blocks[lo + j]))]) != c:
-                    raise StoreCorruptError(f"table {t.name!r} block {int(blocks[lo + j])}: checksum mismatch; "
+            for j, c in zip(todo.tolist(), crcs):
+                if crc32(rows[j, : t.block_len(int(seg[j]))]) != c:
+                    raise StoreCorruptError(f"table {t.name!r} block {int(seg[j])}: checksum mismatch; "
                                             "the store is corrupt: rebuild it")
-        return moved
+
+    def _drop_pages(self) -> None:
+        """Stop using the leaf-page index (it no longer describes the environment)."""
+        if self.pages is not None:
+            self._stale_pages.append(self.pages)  # its descriptor closes with the disk: parts may still hint
+            self.pages = None
+            self.io_threads = self._unhinted_threads
 
     def write(self, table: str, ranks: np.ndarray, rows: np.ndarray) -> None:
         """Replace rows ``ranks`` (sorted, unique) in one write transaction."""
@@ -246,11 +311,16 @@ class LmdbDisk(BlockDisk):
                 sel = (ranks // t.br) == b
                 arr[ranks[sel] - b * t.br] = rows[sel]
                 txn.put(key, encode_block(arr.tobytes(), t.itemsize, t.shuffle, cctx, t.codec))
+        self._drop_pages()  # copy-on-write moved the updated pages and those above them
 
     def close(self) -> None:
         if self.pool is not None:  # every read finishes before the map goes
             self.pool.shutdown(wait=True)
             self.pool = None
+        for p in [self.pages, *self._stale_pages]:
+            if p is not None:
+                p.close()
+        self.pages, self._stale_pages = None, []
         if self.env is not None:
             self.env.close()
             self.env = None
@@ -309,6 +379,9 @@ class LmdbWriter:
         """After every table: close the environment (its files are complete); the manifest's backend fields."""
         if self._env is not None:
             self._env.sync(True)
+            if hasattr(os, "posix_fadvise"):  # only a reader that can hint uses the index
+                lmdb_pages.build(self._env, self.root / LMDB_DIR, {n: b for n, (_, b) in self._tables.items()},
+                                 block_key)
             self._env.close()
             self._env = None
         return {"lmdb_dir": LMDB_DIR}
