@@ -38,7 +38,7 @@ import lmdb
 import numpy as np
 from numba import njit
 
-from engram_store.disk.runs import WILLNEED, _fadvise, _memcpy
+from engram_store.disk.runs import WILLNEED, _block_resident, _fadvise, _memcpy, resident_samples
 
 INDEX_FILE = "leaf_pages.npz"
 PAGE = 4096
@@ -144,6 +144,17 @@ def _announce(fd, pages):
 
 
 @njit(nogil=True)
+def _all_resident(base, pages, samples):
+    """Whether ``samples`` of ``pages`` spread over it are all in the page cache (mincore on the map)."""
+    n = pages.size
+    k = min(n, samples)
+    for i in range(k):
+        if not _block_resident(base, pages[i * n // k], PAGE, PAGE):
+            return False
+    return True
+
+
+@njit(nogil=True)
 def _touch_pages(base, pages):
     """Copy one byte of each of ``pages`` out of the map at ``base``: each page is then mapped."""
     one = np.empty(1, np.uint8)
@@ -212,8 +223,11 @@ class LeafPages:
             _touch_pages(np.int64(self.base), self.inner)
 
     def announce(self, table: str, blocks: np.ndarray) -> None:
-        """Queue the reads of the leaf pages of ``blocks`` (sorted) of ``table``."""
-        _announce(self.fd, np.unique(self.pages[table][blocks]))
+        """Queue the reads of the leaf pages of ``blocks`` (sorted) of ``table``, unless a sample of
+        them (as ``disk.runs`` samples a flat file's blocks) is all in the page cache already."""
+        pages = np.unique(self.pages[table][blocks]).astype(np.int64)
+        if not _all_resident(np.int64(self.base), pages, resident_samples(pages.size)):
+            _announce(self.fd, pages)
 
     def agrees(self, table: str, block: int, value) -> bool:
         """Whether ``value`` (block ``block`` of ``table``) sits on the page the index names."""

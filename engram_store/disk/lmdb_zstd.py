@@ -245,28 +245,32 @@ class LmdbDisk(BlockDisk):
         pages = self.pages
         if pages is not None:
             pages.announce(t.name, seg)
-        with self.env.begin(buffers=True) as txn:
+            with self.env.begin(buffers=True) as txn:  # a view of the map: where the value is
+                first = txn.get(prefix + int(seg[0]).to_bytes(8, "big"))
+                if first is not None and not pages.agrees(t.name, int(seg[0]), first):
+                    self._drop_pages()  # another process updated the environment: its pages moved
+                del first
+        # Values as bytes (copies), not views of the map: a view is an object the garbage collector
+        # tracks, and 64 K of them set off collections of the whole heap (4x the gets' own time).
+        with self.env.begin() as txn:
             get = txn.get
             values = [get(prefix + b.to_bytes(8, "big")) for b in seg.tolist()]
-            if pages is not None and values[0] is not None and not pages.agrees(t.name, int(seg[0]), values[0]):
-                self._drop_pages()  # another process updated the environment: its pages moved
-            lens = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
-            todo = np.arange(seg.size)
-            if t.codec == CODEC_FLAGGED and None not in values:
-                offs = np.zeros(seg.size, np.int64)
-                np.cumsum(lens[:-1], out=offs[1:])
-                blens = np.full(seg.size, t.br * t.rb, np.int64)
-                blens[seg == t.n_blocks - 1] = t.block_len(t.n_blocks - 1)
-                done = np.empty(seg.size, np.bool_)
-                _copy_raw(np.frombuffer(b"".join(values), np.uint8), offs, lens, rows, blens, self.verify, done)
-                todo = np.flatnonzero(~done)
-            if todo.size:
-                self._decode_each(t, seg, rows, values, todo)
+        lens = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
+        todo = np.arange(seg.size)
+        if t.codec == CODEC_FLAGGED and None not in values:
+            offs = np.zeros(seg.size, np.int64)
+            np.cumsum(lens[:-1], out=offs[1:])
+            blens = np.full(seg.size, t.br * t.rb, np.int64)
+            blens[seg == t.n_blocks - 1] = t.block_len(t.n_blocks - 1)
+            done = np.empty(seg.size, np.bool_)
+            _copy_raw(np.frombuffer(b"".join(values), np.uint8), offs, lens, rows, blens, self.verify, done)
+            todo = np.flatnonzero(~done)
+        if todo.size:
+            self._decode_each(t, seg, rows, values, todo)
         return int(lens.sum())
 
     def _decode_each(self, t: _Table, seg: np.ndarray, rows: np.ndarray, values: list, todo: np.ndarray) -> None:
-        """Values ``values[j]`` (of blocks ``seg[j]``) for ``j`` in ``todo`` into ``rows[j]``, one at a time
-        (inside the read transaction: raw payloads are views of the map), checked."""
+        """Values ``values[j]`` (of blocks ``seg[j]``) for ``j`` in ``todo`` into ``rows[j]``, one at a time, checked."""
         dctx = self._dctx()
         packed, packed_at, crcs = [], [], []
         for j in todo.tolist():
