@@ -14,17 +14,20 @@ A reader (:class:`LeafPages`) then
 
 - **keeps the inner pages resident**: it announces them all with ``posix_fadvise(WILLNEED)`` at
   open and touches each through LMDB's own map, so they stay mapped (a page a process maps is
-  neither dropped from the page cache nor taken by DAMON's pageout of unmapped cache): a cold
-  block then costs its leaf page alone, one read, as a flat-file block does;
-- **announces each batch's leaf pages** with ``posix_fadvise(WILLNEED)`` before the LMDB gets,
-  which then wait for reads already queued instead of faulting one page at a time.
+  neither dropped from the page cache nor taken by DAMON's pageout of unmapped cache);
+- **announces each batch's leaf pages** with ``posix_fadvise(WILLNEED)``, so the reads of a cold
+  batch are all queued at once, as the flat file's are;
+- **reads the values straight from their leaf pages** in one compiled call per thread (the page
+  layout is LMDB 0.9's, below), inside a read transaction whose snapshot is the one the index
+  describes: no B-tree walk, no Python per block. A block counts as read only when its page holds a
+  node under its own key with a raw value of the right size whose crc32 matches; anything else is
+  looked up through LMDB by key.
 
-The file is a hint, never a source of rows: the gets go through LMDB by key, so a wrong page
-costs a wasted read, not a wrong row. It is used only while it describes the environment as it
-is (same ``txnid`` and size, and the value of a table's last block on the page it names); an
-update in this process drops it, one in another process shows as values off their pages
-(:meth:`LeafPages.agrees`), and a store without it (written before it, or a corrupt file) reads
-as before. Linux only (``posix_fadvise``); elsewhere there is no index.
+The index never decides which bytes a row gets: a read transaction of that very snapshot (its id
+is ``txnid``) keeps every page it names from being reused, and the key and checksum are checked on
+the page. A read whose snapshot is another (an update here or in another process) drops the index
+and reads through LMDB, as does a store without one (written before it, a corrupt or foreign
+file, values in overflow pages). Linux only (``posix_fadvise``, ``/proc/self/maps``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import lmdb
 import numpy as np
 from numba import njit
 
-from engram_store.disk.runs import WILLNEED, _block_resident, _fadvise, _memcpy, resident_samples
+from engram_store.disk.runs import MERGE_GAP_BLOCKS, WILLNEED, _block_resident, _crc32, _fadvise, _memcpy, resident_samples
 
 INDEX_FILE = "leaf_pages.npz"
 PAGE = 4096
@@ -67,6 +70,7 @@ def build(env: lmdb.Environment, env_dir: Path, tables: dict[str, int], key) -> 
     try:
         with env.begin(buffers=True) as txn:
             found = [_walk(txn, name, tables[name], key, fd) for name in names]
+            txnid = txn.id()
     finally:
         os.close(fd)
     if any(p is None for p in found):
@@ -76,7 +80,7 @@ def build(env: lmdb.Environment, env_dir: Path, tables: dict[str, int], key) -> 
         used[p] = True
     arrays["inner"] = np.flatnonzero(~used).astype(np.uint32)
     arrays["names"] = np.array(names, dtype=str)
-    arrays["txnid"] = np.int64(info["last_txnid"])
+    arrays["txnid"] = np.int64(txnid)
     arrays["data_bytes"] = np.int64((Path(env_dir) / "data.mdb").stat().st_size)
     path = Path(env_dir) / INDEX_FILE
     with open(path, "wb") as f:
@@ -132,15 +136,86 @@ def _find_base(addr: int) -> int:
 
 @njit(nogil=True)
 def _announce(fd, pages):
-    """``posix_fadvise(WILLNEED)`` of ``pages`` (sorted), one call per run of consecutive pages."""
+    """``posix_fadvise(WILLNEED)`` of ``pages`` (sorted), one call per run of pages at most
+    ``MERGE_GAP_BLOCKS`` apart (read through, as the flat file's runs are: one more I/O costs about
+    what a few pages of transfer do)."""
     n = pages.size
     i = 0
     while i < n:
         j = i + 1
-        while j < n and pages[j] <= pages[j - 1] + 1 and pages[j] - pages[i] < _HINT_PAGES:
+        while j < n and pages[j] <= pages[j - 1] + 1 + MERGE_GAP_BLOCKS and pages[j] - pages[i] < _HINT_PAGES:
             j += 1
         _fadvise(fd, np.int64(pages[i]) * PAGE, (np.int64(pages[j - 1]) - pages[i] + 1) * PAGE, WILLNEED)
         i = j
+
+
+# LMDB 0.9's page layout (lmdb's mdb.c, stable since 0.9.0): a 16-byte header (page number uint64,
+# pad uint16, flags uint16, lower uint16, upper uint16), then ``(lower - 16) / 2`` uint16 node offsets;
+# a leaf node is data size (uint16 lo, uint16 hi), flags uint16, key size uint16, the key, the data.
+_P_LEAF, _P_LEAF2, _P_SUBP = 0x02, 0x20, 0x40
+_HDR, _NODE = 16, 8
+
+
+@njit(nogil=True)
+def _u16(a, i):
+    return np.int64(a[i]) | (np.int64(a[i + 1]) << 8)
+
+
+@njit(nogil=True)
+def _find_value(page, key):
+    """(offset, size) of the inline value stored under ``key`` in the leaf ``page``, or (-1, 0)."""
+    flags = _u16(page, 10)
+    if flags & _P_LEAF == 0 or flags & (_P_LEAF2 | _P_SUBP):
+        return -1, 0
+    lower = _u16(page, 12)
+    if lower < _HDR or lower > PAGE:
+        return -1, 0
+    for i in range((lower - _HDR) >> 1):
+        off = _u16(page, _HDR + 2 * i)
+        if off < lower or off + _NODE > PAGE:
+            return -1, 0
+        size = _u16(page, off) | (_u16(page, off + 2) << 16)
+        ksize = _u16(page, off + 6)
+        start = off + _NODE + ksize
+        if _u16(page, off + 4) != 0 or ksize != key.size or start + size > PAGE:
+            continue  # overflow or sub-database node, another key length, or not a sane node
+        same = True
+        for k in range(ksize):
+            if page[off + _NODE + k] != key[k]:
+                same = False
+                break
+        if same:
+            return start, size
+    return -1, 0
+
+
+@njit(nogil=True)
+def _read_leaves(base, pages, seg, key, rows, blens, verify, done):
+    """``LeafPages.read``: each block's leaf page copied out of the map (taking its fault here, with
+    no GIL), its node found by key, the raw payload copied and crc-checked (the ``lmdb_zstd`` value:
+    crc32 uint32 LE, codec byte 0, the block's bytes)."""
+    page = np.empty(PAGE, np.uint8)
+    pp = np.uint64(page.ctypes.data)
+    rbase = np.int64(rows.ctypes.data)
+    bb = np.int64(rows.shape[1])
+    kb = key.size - 8
+    for j in range(seg.size):
+        done[j] = False
+        b = seg[j]
+        for k in range(8):
+            key[kb + k] = (b >> (8 * (7 - k))) & 0xFF
+        _memcpy(pp, np.uint64(base + np.int64(pages[b]) * PAGE), PAGE)
+        o, size = _find_value(page, key)
+        n = blens[j]
+        if o < 0 or size != n + 5 or page[o + 4] != 0:
+            continue
+        rows[j, :n] = page[o + 5: o + 5 + n]
+        if verify:
+            c = (np.uint32(page[o]) | (np.uint32(page[o + 1]) << 8) | (np.uint32(page[o + 2]) << 16)
+                 | (np.uint32(page[o + 3]) << 24))
+            if np.uint32(_crc32(0, np.uint64(rbase + j * bb), n)) != c:
+                continue
+        done[j] = True
 
 
 @njit(nogil=True)
@@ -167,7 +242,8 @@ def _touch_pages(base, pages):
 class LeafPages:
     """A loaded, checked ``leaf_pages.npz`` for one open environment (see the module docstring)."""
 
-    def __init__(self, pages: dict[str, np.ndarray], inner: np.ndarray, base: int, fd: int) -> None:
+    def __init__(self, pages: dict[str, np.ndarray], inner: np.ndarray, base: int, fd: int, txnid: int) -> None:
+        self.txnid = txnid
         self.pages = pages
         self.inner = inner
         self.base = base
@@ -183,7 +259,8 @@ class LeafPages:
         try:
             with np.load(path, allow_pickle=False) as z:
                 names = [str(x) for x in z["names"]]
-                if (int(z["txnid"]) != env.info()["last_txnid"]
+                txnid = int(z["txnid"])
+                if (txnid != env.info()["last_txnid"]
                         or int(z["data_bytes"]) != (Path(env_dir) / "data.mdb").stat().st_size
                         or sorted(names) != sorted(tables)):
                     return None
@@ -214,7 +291,7 @@ class LeafPages:
         if base is None:
             return None
         fd = os.open(Path(env_dir) / "data.mdb", os.O_RDONLY)
-        return cls(pages, inner, base, fd)
+        return cls(pages, inner, base, fd, txnid)
 
     def pin_inner(self) -> None:
         """Read the inner pages (queued at once) and map them through LMDB's map."""
@@ -229,9 +306,15 @@ class LeafPages:
         if not _all_resident(np.int64(self.base), pages, resident_samples(pages.size)):
             _announce(self.fd, pages)
 
-    def agrees(self, table: str, block: int, value) -> bool:
-        """Whether ``value`` (block ``block`` of ``table``) sits on the page the index names."""
-        return value_page(value, self.base) == int(self.pages[table][block])
+    def read(self, table: str, seg: np.ndarray, rows: np.ndarray, blens: np.ndarray, verify: bool,
+             done: np.ndarray) -> None:
+        """Blocks ``seg`` of ``table`` into ``rows``, straight from their leaf pages in LMDB's map: the
+        caller holds a read transaction of the snapshot this index describes (its id is ``txnid``),
+        so none of those pages can be reused meanwhile. ``done[j]`` where block ``seg[j]`` was found
+        on its page under its own key, stored raw with ``blens[j]`` bytes and (with ``verify``) its
+        crc32 matching; the rest are left to LMDB's own lookup."""
+        key = np.frombuffer(table.encode() + b"/" + bytes(8), np.uint8).copy()
+        _read_leaves(np.int64(self.base), self.pages[table], seg, key, rows, blens, verify, done)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -232,50 +232,60 @@ class LmdbDisk(BlockDisk):
     def _read_blocks(self, t: _Table, blocks: np.ndarray, buf: np.ndarray, lo: int, hi: int) -> int:
         """Blocks ``blocks[lo:hi]`` into rows ``lo:hi`` of ``buf``; returns the stored bytes read.
 
-        Per block only the LMDB get runs in Python (it takes the page faults, GIL released; with the
-        leaf-page index their reads were queued first); the raw values are copied and checked in one
-        compiled call (``_copy_raw``). A zstd value, a version-1 value, a missing block or a checksum
-        mismatch goes through :meth:`_decode_each`, which names what is wrong.
+        With the leaf-page index, and while this read's snapshot is the one it describes, the blocks'
+        leaf pages are announced and then read straight out of the map in one compiled call
+        (``LeafPages.read``: no GIL, no B-tree walk). What that leaves (a stale index, a zstd or
+        version-1 value, a block not found on its page) is looked up by key, its raw values copied
+        and checked in one compiled call (``_copy_raw``), and anything else (zstd, a missing block,
+        a checksum mismatch) goes through :meth:`_decode_each`, which names what is wrong.
         """
         prefix = t.name.encode() + b"/"
         seg = blocks[lo:hi]
         rows = buf[lo:hi]
         if seg.size == 0:
             return 0
+        blens = np.full(seg.size, t.br * t.rb, np.int64)
+        blens[seg == t.n_blocks - 1] = t.block_len(t.n_blocks - 1)
+        moved = 0
         pages = self.pages
-        if pages is not None:
-            pages.announce(t.name, seg)
-            with self.env.begin(buffers=True) as txn:  # a view of the map: where the value is
-                first = txn.get(prefix + int(seg[0]).to_bytes(8, "big"))
-                if first is not None and not pages.agrees(t.name, int(seg[0]), first):
-                    self._drop_pages()  # another process updated the environment: its pages moved
-                del first
-        # Values as bytes (copies), not views of the map: a view is an object the garbage collector
-        # tracks, and 64 K of them set off collections of the whole heap (4x the gets' own time).
         with self.env.begin() as txn:
+            todo = np.arange(seg.size)
+            if pages is not None and txn.id() != pages.txnid:
+                self._drop_pages()  # the environment was updated (here or in another process): pages moved
+                pages = None
+            if pages is not None and t.codec == CODEC_FLAGGED:
+                pages.announce(t.name, seg)
+                done = np.empty(seg.size, np.bool_)
+                pages.read(t.name, seg, rows, blens, self.verify, done)  # pages of this very snapshot
+                moved += int((blens[done] + 5).sum())
+                todo = np.flatnonzero(~done)
+            # as bytes (copies), not views of the map: a view is an object the garbage collector
+            # tracks, and 64 K of them set off collections of the whole heap (4x the gets' own time)
             get = txn.get
-            values = [get(prefix + b.to_bytes(8, "big")) for b in seg.tolist()]
+            values = [get(prefix + b.to_bytes(8, "big")) for b in seg[todo].tolist()]
         lens = np.fromiter((0 if v is None else len(v) for v in values), np.int64, len(values))
-        todo = np.arange(seg.size)
-        if t.codec == CODEC_FLAGGED and None not in values:
-            offs = np.zeros(seg.size, np.int64)
+        moved += int(lens.sum())
+        if todo.size and t.codec == CODEC_FLAGGED and None not in values:
+            offs = np.zeros(todo.size, np.int64)
             np.cumsum(lens[:-1], out=offs[1:])
-            blens = np.full(seg.size, t.br * t.rb, np.int64)
-            blens[seg == t.n_blocks - 1] = t.block_len(t.n_blocks - 1)
-            done = np.empty(seg.size, np.bool_)
-            _copy_raw(np.frombuffer(b"".join(values), np.uint8), offs, lens, rows, blens, self.verify, done)
-            todo = np.flatnonzero(~done)
+            done = np.empty(todo.size, np.bool_)
+            sub = rows if todo.size == seg.size else np.empty((todo.size, rows.shape[1]), np.uint8)
+            _copy_raw(np.frombuffer(b"".join(values), np.uint8), offs, lens, sub, blens[todo], self.verify, done)
+            if sub is not rows:
+                rows[todo[done]] = sub[done]
+            values = [v for v, d in zip(values, done.tolist()) if not d]
+            todo = todo[~done]
         if todo.size:
-            self._decode_each(t, seg, rows, values, todo)
-        return int(lens.sum())
+            self._decode_each(t, seg, rows, todo, values)
+        return moved
 
-    def _decode_each(self, t: _Table, seg: np.ndarray, rows: np.ndarray, values: list, todo: np.ndarray) -> None:
-        """Values ``values[j]`` (of blocks ``seg[j]``) for ``j`` in ``todo`` into ``rows[j]``, one at a time, checked."""
+    def _decode_each(self, t: _Table, seg: np.ndarray, rows: np.ndarray, todo: np.ndarray, values: list) -> None:
+        """``values[i]`` (the stored value of block ``seg[todo[i]]``) into ``rows[todo[i]]``, one at a
+        time, checked."""
         dctx = self._dctx()
         packed, packed_at, crcs = [], [], []
-        for j in todo.tolist():
+        for j, v in zip(todo.tolist(), values):
             b = int(seg[j])
-            v = values[j]
             p, is_packed = block_payload(v, t.block_len(b), t.codec, dctx, t.name, b)
             if is_packed:
                 packed.append(p)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -123,16 +125,57 @@ def test_an_update_retires_the_index_here_and_after_reopening(two_tables):
     assert not _read_all(path, tables)  # the environment's txnid moved on
 
 
+def test_a_fresh_store_is_read_from_its_leaf_pages(two_tables):
+    # every block found on its page by the compiled reader, matching the rows written
+    path, tables = two_tables
+    with engram_store.open(path, device="cpu", dram_bytes=0, hbm_bytes=0) as s:
+        d = s._disk
+        for name, T in tables.items():
+            t = d.tables[name]
+            seg = np.arange(t.n_blocks, dtype=np.int64)
+            rows = np.zeros((seg.size, t.br * t.rb), np.uint8)
+            blens = np.array([t.block_len(int(b)) for b in seg], np.int64)
+            done = np.zeros(seg.size, bool)
+            with d.env.begin():
+                d.pages.read(name, seg, rows, blens, True, done)
+            assert done.all()
+            flat = T.numpy().reshape(-1)
+            for b in seg.tolist():
+                n = int(blens[b])
+                assert np.array_equal(rows[b, :n], flat[b * t.br * t.rb: b * t.br * t.rb + n])
+
+
 def test_wrong_pages_cost_speed_not_rows(two_tables):
-    # as if another process had updated the environment: every page the index names is off by one
+    # every page the index names off by one: no block is found under its key there, all are looked up
     path, tables = two_tables
     with engram_store.open(path, device="cpu", dram_bytes=0, hbm_bytes=0) as s:
         pages = s._disk.pages
         for n in pages.pages:
-            pages.pages[n] = pages.pages[n] + np.uint32(1)
-        ids = torch.arange(0, 3001, 3)
+            pages.pages[n] = np.minimum(pages.pages[n] + np.uint32(1), np.uint32(pages.inner.max()))
+        for name, T in tables.items():
+            ids = torch.arange(0, T.shape[0], 3)
+            assert torch.equal(s.lookup(name, ids), T[ids])
+
+
+def test_an_update_by_another_process_is_seen(two_tables):
+    # the store is open here with a valid index; another process rewrites rows: the next lookups give
+    # the new rows (the index, made for the old snapshot, is dropped), never the old ones
+    path, tables = two_tables
+    ids = torch.arange(0, 3001, 5)
+    new = _rows(ids.numel(), 264, 11)
+    torch.save({"ids": ids, "new": new}, path.parent / "upd.pt")
+    with engram_store.open(path, device="cpu", dram_bytes=0, hbm_bytes=0) as s:
+        assert s._disk.pages is not None
         assert torch.equal(s.lookup("a", ids), tables["a"][ids])
-        assert s._disk.pages is None  # the first value found off its page retired the index
+        code = ("import sys, torch, engram_store\n"
+                f"u = torch.load({str(path.parent / 'upd.pt')!r})\n"
+                f"with engram_store.open({str(path)!r}, device='cpu', dram_bytes=0, hbm_bytes=0) as s:\n"
+                "    s.update('a', u['ids'], u['new'])\n")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+        assert torch.equal(s.lookup("a", ids), new)
+        assert s._disk.pages is None
+        rest = torch.arange(1, 3001, 5)
+        assert torch.equal(s.lookup("a", rest), tables["a"][rest])
 
 
 def test_opening_reads_the_inner_pages(two_tables):
