@@ -190,32 +190,34 @@ def _find_value(page, key):
 
 
 @njit(nogil=True)
+def raw_value_into(src, o, size, rows, j, n, verify):
+    """Copy the ``n`` payload bytes of the raw stored value at ``src[o:o + size]`` (crc32 uint32 LE,
+    codec byte 0, the block's bytes) into ``rows[j]``; whether it was one and (``verify``) its crc32
+    matches."""
+    if size != n + 5 or src[o + 4] != 0:
+        return False
+    rows[j, :n] = src[o + 5: o + 5 + n]
+    if not verify:
+        return True
+    c = np.uint32(src[o]) | (np.uint32(src[o + 1]) << 8) | (np.uint32(src[o + 2]) << 16) | (np.uint32(src[o + 3]) << 24)
+    return np.uint32(_crc32(0, np.uint64(np.int64(rows.ctypes.data) + j * np.int64(rows.shape[1])), n)) == c
+
+
+@njit(nogil=True)
 def _read_leaves(base, pages, seg, key, rows, blens, verify, done):
     """``LeafPages.read``: each block's leaf page copied out of the map (taking its fault here, with
     no GIL), its node found by key, the raw payload copied and crc-checked (the ``lmdb_zstd`` value:
     crc32 uint32 LE, codec byte 0, the block's bytes)."""
     page = np.empty(PAGE, np.uint8)
     pp = np.uint64(page.ctypes.data)
-    rbase = np.int64(rows.ctypes.data)
-    bb = np.int64(rows.shape[1])
     kb = key.size - 8
     for j in range(seg.size):
-        done[j] = False
         b = seg[j]
         for k in range(8):
             key[kb + k] = (b >> (8 * (7 - k))) & 0xFF
         _memcpy(pp, np.uint64(base + np.int64(pages[b]) * PAGE), PAGE)
         o, size = _find_value(page, key)
-        n = blens[j]
-        if o < 0 or size != n + 5 or page[o + 4] != 0:
-            continue
-        rows[j, :n] = page[o + 5: o + 5 + n]
-        if verify:
-            c = (np.uint32(page[o]) | (np.uint32(page[o + 1]) << 8) | (np.uint32(page[o + 2]) << 16)
-                 | (np.uint32(page[o + 3]) << 24))
-            if np.uint32(_crc32(0, np.uint64(rbase + j * bb), n)) != c:
-                continue
-        done[j] = True
+        done[j] = o >= 0 and raw_value_into(page, o, size, rows, j, blens[j], verify)
 
 
 @njit(nogil=True)

@@ -41,7 +41,7 @@ from numba import njit
 
 from engram_store.disk import lmdb_pages
 from engram_store.disk.blocks import BlockDisk, BlockTable
-from engram_store.disk.runs import _crc32
+from engram_store.disk.lmdb_pages import raw_value_into
 from engram_store.errors import EngramStoreError as StoreOpenError, StoreCorruptError, StoreNotFoundError
 from engram_store.format import LMDB_DIR, TableInfo, crc32
 
@@ -146,20 +146,8 @@ def _copy_raw(joined, offs, lens, rows, blens, verify, done):
     """The raw values (codec byte 0, ``blens[j]`` payload bytes) of ``joined`` (value j at ``offs[j]``,
     ``lens[j]`` bytes) into ``rows[j]``, crc32 checked if ``verify``: ``done[j]`` where that worked;
     anything else (a zstd value, a wrong length, a mismatch) is left to the per-block decode."""
-    base = np.int64(rows.ctypes.data)
-    bb = np.int64(rows.shape[1])
     for j in range(offs.size):
-        o, n = offs[j], blens[j]
-        done[j] = False
-        if lens[j] != n + 5 or joined[o + 4] != RAW:
-            continue
-        rows[j, :n] = joined[o + 5: o + 5 + n]
-        if verify:
-            c = (np.uint32(joined[o]) | (np.uint32(joined[o + 1]) << 8) | (np.uint32(joined[o + 2]) << 16)
-                 | (np.uint32(joined[o + 3]) << 24))
-            if np.uint32(_crc32(0, np.uint64(base + j * bb), n)) != c:
-                continue
-        done[j] = True
+        done[j] = raw_value_into(joined, offs[j], lens[j], rows, j, blens[j], verify)
 
 
 def open_env(path: Path, *, readonly: bool = False, map_size: int | None = None) -> lmdb.Environment:
