@@ -41,7 +41,7 @@ import lmdb
 import numpy as np
 from numba import njit
 
-from engram_store.disk.runs import MERGE_GAP_BLOCKS, WILLNEED, _block_resident, _crc32, _fadvise, _memcpy, resident_samples
+from engram_store.disk.runs import MERGE_GAP_BLOCKS, WILLNEED, _crc32, _fadvise, _memcpy, _resident, resident_samples
 
 INDEX_FILE = "leaf_pages.npz"
 PAGE = 4096
@@ -221,17 +221,6 @@ def _read_leaves(base, pages, seg, key, rows, blens, verify, done):
 
 
 @njit(nogil=True)
-def _all_resident(base, pages, samples):
-    """Whether ``samples`` of ``pages`` spread over it are all in the page cache (mincore on the map)."""
-    n = pages.size
-    k = min(n, samples)
-    for i in range(k):
-        if not _block_resident(base, pages[i * n // k], PAGE, PAGE):
-            return False
-    return True
-
-
-@njit(nogil=True)
 def _touch_pages(base, pages):
     """Copy one byte of each of ``pages`` out of the map at ``base``: each page is then mapped."""
     one = np.empty(1, np.uint8)
@@ -255,15 +244,15 @@ class LeafPages:
     def load(cls, env: lmdb.Environment, env_dir: Path, tables: dict[str, int], key) -> "LeafPages | None":
         """The index of ``env`` if ``env_dir`` has one that describes it as it is, else None.
         ``tables``: name -> blocks; ``key(name, block)``: the LMDB key of a block."""
-        path = Path(env_dir) / INDEX_FILE
+        path, data = Path(env_dir) / INDEX_FILE, Path(env_dir) / "data.mdb"
         if not hasattr(os, "posix_fadvise") or not path.is_file():
             return None
+        size = data.stat().st_size
         try:
             with np.load(path, allow_pickle=False) as z:
                 names = [str(x) for x in z["names"]]
                 txnid = int(z["txnid"])
-                if (txnid != env.info()["last_txnid"]
-                        or int(z["data_bytes"]) != (Path(env_dir) / "data.mdb").stat().st_size
+                if (txnid != env.info()["last_txnid"] or int(z["data_bytes"]) != size
                         or sorted(names) != sorted(tables)):
                     return None
                 pages = {n: z[f"pages_{i}"] for i, n in enumerate(names)}
@@ -272,7 +261,6 @@ class LeafPages:
             return None  # unreadable or corrupt: read without it
         if any(pages[n].dtype != np.uint32 or pages[n].shape != (tables[n],) for n in names):
             return None
-        size = (Path(env_dir) / "data.mdb").stat().st_size
         if inner.dtype != np.uint32 or inner.ndim != 1 or (inner.size and int(inner.max()) >= size // PAGE):
             return None  # the pages it would map must lie inside the file
         base = None
@@ -292,8 +280,7 @@ class LeafPages:
                     return None
         if base is None:
             return None
-        fd = os.open(Path(env_dir) / "data.mdb", os.O_RDONLY)
-        return cls(pages, inner, base, fd, txnid)
+        return cls(pages, inner, base, os.open(data, os.O_RDONLY), txnid)
 
     def pin_inner(self) -> None:
         """Read the inner pages (queued at once) and map them through LMDB's map."""
@@ -305,7 +292,8 @@ class LeafPages:
         """Queue the reads of the leaf pages of ``blocks`` (sorted) of ``table``, unless a sample of
         them (as ``disk.runs`` samples a flat file's blocks) is all in the page cache already."""
         pages = np.unique(self.pages[table][blocks]).astype(np.int64)
-        if not _all_resident(np.int64(self.base), pages, resident_samples(pages.size)):
+        if not _resident(np.int64(self.base), pages, np.full(pages.size, PAGE, np.int64), PAGE,
+                         resident_samples(pages.size)):
             _announce(self.fd, pages)
 
     def read(self, table: str, seg: np.ndarray, rows: np.ndarray, blens: np.ndarray, verify: bool,
