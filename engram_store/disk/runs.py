@@ -29,11 +29,12 @@ state is per call.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 
 import numpy as np
 from numba import njit
+
+from engram_store.disk.crc import crc32 as _crc32
 
 # A gap of up to this many blocks is read through rather than split into a second read: one
 # more I/O costs about as much as 4-8 pages of transfer on the disks measured.
@@ -43,8 +44,8 @@ MAX_RUN_BLOCKS = 256
 
 # The per-block loop (hint, read, copy, crc32) runs compiled and without the GIL: from Python each
 # of those calls gives the GIL up and takes it back, and with a batch's worth of I/O threads on two
-# busy cores the hand-overs, not the disk, set the pace. libc's pread/posix_fadvise and zlib's
-# crc32 (the checksum the format defines) are called through ctypes; pointers pass as uint64.
+# busy cores the hand-overs, not the disk, set the pace. libc's pread/posix_fadvise and the
+# format's crc32 (``disk.crc``) are called through ctypes; pointers pass as uint64.
 _libc = ctypes.CDLL(None, use_errno=True)
 _pread = _libc.pread
 _pread.restype, _pread.argtypes = ctypes.c_ssize_t, [ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int64]
@@ -54,9 +55,6 @@ _mincore = _libc.mincore
 _mincore.restype, _mincore.argtypes = ctypes.c_int, [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_uint64]
 _fadvise = _libc.posix_fadvise
 _fadvise.restype, _fadvise.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-_zlib = ctypes.CDLL(ctypes.util.find_library("z") or "libz.so.1")
-_crc32 = _zlib.crc32
-_crc32.restype, _crc32.argtypes = ctypes.c_ulong, [ctypes.c_ulong, ctypes.c_uint64, ctypes.c_uint]
 WILLNEED = 3  # POSIX_FADV_WILLNEED on Linux
 HINTS = True  # announce the runs ahead of the reads (see the module docstring)
 # Runs a thread keeps announced ahead of its reads: with 8 I/O threads that is more than the
