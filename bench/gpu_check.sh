@@ -5,7 +5,7 @@
 # and off (--compare-uva) side by side in one run. Prints the forward overhead, the share of fetch
 # time hidden behind compute and bit-equality, and ends with ONE JSON line.
 #
-#   bench/gpu_check.sh --prepare       # HERE, once: wheels of what the GPU image lacks (lmdb, zstandard) into .whl/
+#   bench/gpu_check.sh --prepare       # HERE, once: wheels of what the GPU image lacks (lmdb, zstandard, zlib-ng) into .whl/
 #   bench/gpu_check.sh                 # THERE (device run, carry [".whl"]): the check; files under $OUT
 #   bench/gpu_check.sh --device cpu    # a dry run of the same steps on a CPU (small bench sizes)
 #
@@ -26,10 +26,10 @@ PY=python3
 export PYTHONUNBUFFERED=1
 
 if [ "$PREPARE" = 1 ]; then
-  # The GPU image has python 3.12 and no lmdb / zstandard; nothing can be fetched there.
+  # The GPU image has python 3.12 and no lmdb / zstandard / zlib-ng; nothing can be fetched there.
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   mkdir -p .whl
-  for pkg in lmdb==3.0.0 zstandard==0.25.0; do
+  for pkg in lmdb==3.0.0 zstandard==0.25.0 zlib-ng==1.1.0; do
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       -d .whl "$pkg"
@@ -43,8 +43,8 @@ mkdir -p "$RES"
 log() { echo "[gpu_check $(date +%H:%M:%S)] $*" >&2; }
 
 # 1. dependencies: what the image lacks from carried wheels; the project editable over the torch already there
-if ! $PY -c "import lmdb, zstandard" 2>/dev/null; then
-  ls .whl/*.whl >/dev/null 2>&1 || { log "lmdb/zstandard missing and no .whl/: run '$0 --prepare' here first and carry .whl"; exit 3; }
+if ! $PY -c "import lmdb, zstandard, zlib_ng" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { log "lmdb/zstandard/zlib-ng missing and no .whl/: run '$0 --prepare' here first and carry .whl"; exit 3; }
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
