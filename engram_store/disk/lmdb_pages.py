@@ -41,7 +41,8 @@ import lmdb
 import numpy as np
 from numba import njit
 
-from engram_store.disk.runs import MERGE_GAP_BLOCKS, WILLNEED, _crc32, _fadvise, _memcpy, _resident, resident_samples
+from engram_store.disk.crc import crc32 as _crc32
+from engram_store.disk.runs import MERGE_GAP_BLOCKS, WILLNEED, _fadvise, _memcpy, _resident, resident_samples
 
 INDEX_FILE = "leaf_pages.npz"
 PAGE = 4096
